@@ -1,0 +1,1 @@
+"""Command-line layer: parses and validates options, then calls library functions."""

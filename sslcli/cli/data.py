@@ -1,0 +1,102 @@
+"""`sslcli data ...`: generate the embedded dataset, convert image folders, inspect data."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sslcli.data.formats import INDEX_NAME
+from sslcli.data.reader import read_index, resolve_source
+from sslcli.data.shards import folder_to_shards
+from sslcli.data.synth import generate_synthetic
+
+app = typer.Typer(no_args_is_help=True)
+
+_LISTED = 4  # names shown before "... and N more"
+
+
+def _short_list(names: list[str]) -> str:
+    """The first few names, with the total when there are more."""
+    shown = ", ".join(names[:_LISTED])
+    return shown if len(names) <= _LISTED else f"{shown}, ... ({len(names)} in all)"
+
+
+def _split_summary(index: dict) -> str:
+    """'train 10000 in 5 shards, test 2000 in 1 shards' from an index."""
+    splits = index["splits"].items()
+    return ", ".join(f"{name} {entry['count']} in {len(entry['shards'])} shards" for name, entry in splits)
+
+
+@app.command("synth")
+def synth(
+    out: Annotated[Path, typer.Argument(help="Directory to write the shards and index.json into.")],
+    train: Annotated[int, typer.Option(help="Number of training images.")] = 10000,
+    test: Annotated[int, typer.Option(help="Number of test images.")] = 2000,
+    size: Annotated[int, typer.Option(help="Image side in pixels (at least 16).")] = 64,
+    seed: Annotated[int, typer.Option(help="Seed; the same arguments give byte-identical files.")] = 0,
+    shard_size: Annotated[int, typer.Option(help="Images per tar shard.")] = 2000,
+    overwrite: Annotated[bool, typer.Option(help="Replace a dataset already in OUT.")] = False,
+) -> None:
+    """Generate the embedded labelled shapes dataset as WebDataset shards."""
+    start = time.perf_counter()
+    index = generate_synthetic(
+        out, train=train, test=test, size=size, seed=seed, shard_size=shard_size, overwrite=overwrite
+    )
+    seconds = time.perf_counter() - start
+    console = Console()
+    console.print(f"[bold green]wrote[/] {out}: {_split_summary(index)} ({size}x{size} px, seed {seed})")
+    console.print(f"{len(index['classes'])} classes: {', '.join(index['classes'])}")
+    console.print(f"took {seconds:.1f} s")
+
+
+@app.command("shards")
+def shards(
+    src: Annotated[Path, typer.Argument(help="ImageFolder tree (class subfolders) or a folder of images.")],
+    out: Annotated[Path, typer.Argument(help="Directory to write the shards and index.json into.")],
+    shard_size: Annotated[int, typer.Option(help="Images per tar shard.")] = 1000,
+    split: Annotated[str, typer.Option(help="Split name when SRC has no train/test/val subfolders.")] = "train",
+    overwrite: Annotated[bool, typer.Option(help="Replace a dataset already in OUT.")] = False,
+) -> None:
+    """Convert an image folder into WebDataset shards plus index.json."""
+    start = time.perf_counter()
+    index = folder_to_shards(src, out, shard_size=shard_size, split=split, overwrite=overwrite)
+    seconds = time.perf_counter() - start
+    console = Console()
+    console.print(f"[bold green]wrote[/] {out}: {_split_summary(index)} in {seconds:.1f} s")
+    classes = index["classes"]
+    console.print(f"{len(classes)} classes: {_short_list(classes)}" if classes else "unlabelled (no class subfolders)")
+    if index["skipped"]:
+        console.print(f"[yellow]skipped {index['skipped']} file(s) that do not decode as images[/]")
+
+
+@app.command("info")
+def info(
+    path: Annotated[str, typer.Argument(help="Shard directory, brace pattern, .tar file or image folder.")],
+    split: Annotated[str, typer.Option(help="Split to describe.")] = "train",
+) -> None:
+    """Show how a data argument resolves: kind, sample count, shards or files, classes."""
+    source = resolve_source(path, split)
+    table = Table(title=f"data: {path}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("kind", source.kind)
+    table.add_row("split", source.split)
+    table.add_row("samples", str(source.num_samples))
+    noun = "shards" if source.kind == "shards" else "files"
+    table.add_row(noun, f"{len(source.urls)}: {_short_list([Path(url).name for url in source.urls])}")
+    if source.classes:
+        table.add_row("classes", f"{len(source.classes)}: {', '.join(source.classes)}")
+    else:
+        table.add_row("classes", "unlabelled" if source.kind == "folder" else "not recorded")
+    directory = Path(path)
+    if directory.is_dir() and (directory / INDEX_NAME).is_file():
+        index = read_index(directory)
+        table.add_row("splits", _split_summary(index))
+        table.add_row("image size", str(index.get("image_size")))
+        table.add_row("source", str(index.get("source")))
+    Console().print(table)

@@ -1,0 +1,164 @@
+"""`sslcli knn` and `sslcli linear-probe`: parse options, call :mod:`sslcli.evaluation`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from sslcli.cli.options import Arch, Data, Device
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from sslcli.data.reader import DataSource
+    from sslcli.evaluation import EncoderInfo
+
+
+# Options both commands share; the CLI-wide ones (--data, --arch, --device) come from options.py.
+Source = Annotated[str | None, typer.Argument(
+    help="Run directory (uses RUN/encoder.safetensors) or an exported .safetensors file.", show_default=False)]
+RandomInit = Annotated[bool, typer.Option(
+    "--random-init", help="Random weights (the baseline): of --arch, or of SOURCE's architecture.")]
+RawPixels = Annotated[bool, typer.Option(
+    "--raw-pixels", help="No network: the flattened normalised image (the raw-pixel baseline).")]
+ImageSize = Annotated[int | None, typer.Option(
+    "--image-size", help="Evaluation resolution; default: SOURCE's, else 224.", show_default=False)]
+CropPct = Annotated[float | None, typer.Option(
+    "--crop-pct", help="Centre-crop fraction; default: SOURCE's, else 0.875 (use 1.0 for small images).",
+    show_default=False)]
+BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per forward pass (and probe batch).")]
+TrainSplit = Annotated[str, typer.Option("--train-split", help="Split the classifier learns from.")]
+TestSplit = Annotated[str, typer.Option("--test-split", help="Split the accuracy is measured on.")]
+NumWorkers = Annotated[int, typer.Option("--num-workers", help="Data-loading worker processes.")]
+Seed = Annotated[int, typer.Option("--seed", help="Seed of --random-init weights and of the probe.")]
+ResultsOut = Annotated[Path | None, typer.Option(
+    "--out", help="Results JSON; default: RUN/results/<command>.json for a run, else ./<command>-results.json.",
+    show_default=False)]
+
+
+@dataclass
+class _Setup:
+    """What every evaluation command resolves from its shared options."""
+
+    command: str
+    encoder: nn.Module
+    info: EncoderInfo
+    data: str
+    splits: dict[str, tuple[str, DataSource]]  # role -> (split name, source)
+    device: torch.device
+
+
+def _setup(command: str, source: str | None, data: str, *, arch: str | None, random_init: bool, raw_pixels: bool,
+           image_size: int | None, crop_pct: float | None, device: str, seed: int, train_split: str,
+           test_split: str) -> _Setup:
+    """Resolves device, data and encoder, cheapest checks first so bad input fails fast."""
+    from sslcli.data.reader import resolve_source
+    from sslcli.engine.device import resolve_device
+    from sslcli.evaluation import resolve_encoder
+
+    torch_device = resolve_device(device)
+    splits = {"train": (train_split, resolve_source(data, train_split)),
+              "test": (test_split, resolve_source(data, test_split))}
+    encoder, info = resolve_encoder(source, arch=arch, random_init=random_init, raw_pixels=raw_pixels,
+                                    image_size=image_size, crop_pct=crop_pct, seed=seed)
+    return _Setup(command, encoder, info, data, splits, torch_device)
+
+
+def _report(setup: _Setup, metrics: dict[str, Any], out: Path | None, params: dict[str, Any]) -> None:
+    """Writes the results JSON and prints the metrics table."""
+    from sslcli.engine.metrics import info
+    from sslcli.evaluation import default_results_path, describe_data, print_results, write_results
+
+    path = write_results(
+        out or default_results_path(setup.info, setup.command), command=setup.command, metrics=metrics,
+        encoder=setup.info, data=describe_data(setup.data, setup.splits),
+        params={**params, "device": str(setup.device)},
+    )
+    print_results(f"{setup.command}: {setup.info.name}", metrics)
+    info(f"results written to {path}")
+
+
+def knn_command(
+    source: Source = None,
+    data: Data = ...,  # type: ignore[assignment]  # required; Typer reads the Ellipsis
+    arch: Arch = None,
+    random_init: RandomInit = False,
+    raw_pixels: RawPixels = False,
+    image_size: ImageSize = None,
+    crop_pct: CropPct = None,
+    k: Annotated[list[int] | None, typer.Option("--k", help="Neighbours; repeat for several (--k 20 --k 200).",
+                                                show_default="20")] = None,
+    temperature: Annotated[float, typer.Option("--temperature", help="Vote weight exp(cos / T).")] = 0.07,
+    batch_size: BatchSize = 256,
+    device: Device = "auto",
+    out: ResultsOut = None,
+    train_split: TrainSplit = "train",
+    test_split: TestSplit = "test",
+    num_workers: NumWorkers = 0,
+    seed: Seed = 0,
+) -> None:
+    """Weighted kNN accuracy: the train split's features vote on each test image's class."""
+    from sslcli.engine.metrics import info
+    from sslcli.evaluation import knn_evaluate
+
+    ks = k or [20]
+    setup = _setup("knn", source, data, arch=arch, random_init=random_init, raw_pixels=raw_pixels,
+                   image_size=image_size, crop_pct=crop_pct, device=device, seed=seed, train_split=train_split,
+                   test_split=test_split)
+    metrics = knn_evaluate(setup.encoder, setup.splits["train"][1], setup.splits["test"][1], setup.info.transform(),
+                           k=ks, temperature=temperature, batch_size=batch_size, device=setup.device,
+                           num_workers=num_workers, log=info)
+    _report(setup, metrics, out, {"k": ks, "temperature": temperature, "batch_size": batch_size, "seed": seed})
+
+
+def linear_probe_command(
+    source: Source = None,
+    data: Data = ...,  # type: ignore[assignment]
+    arch: Arch = None,
+    random_init: RandomInit = False,
+    raw_pixels: RawPixels = False,
+    image_size: ImageSize = None,
+    crop_pct: CropPct = None,
+    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the cached train features.")] = 100,
+    lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate (cosine decay); default 0.1 for sgd, "
+                                             "1e-3 for adamw; the papers' lr 30 needs --no-standardize.",
+                                             show_default=False)] = None,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", help="L2 penalty on the head's weights.")] = 0.0,
+    optimizer: Annotated[str, typer.Option("--optimizer", help="sgd (momentum 0.9) or adamw.")] = "sgd",
+    bn_head: Annotated[bool, typer.Option("--bn-head", help="BatchNorm1d(affine=False) before the linear layer "
+                                          "(MAE's protocol).")] = False,
+    standardize: Annotated[bool, typer.Option("--standardize/--no-standardize", help="Scale features to zero "
+                                              "mean, unit variance on the train split.")] = True,
+    batch_size: BatchSize = 256,
+    device: Device = "auto",
+    out: ResultsOut = None,
+    train_split: TrainSplit = "train",
+    test_split: TestSplit = "test",
+    num_workers: NumWorkers = 0,
+    seed: Seed = 0,
+) -> None:
+    """Linear-probe accuracy: a linear classifier trained on frozen train-split features."""
+    from sslcli.engine.metrics import info
+    from sslcli.evaluation.linear_probe import DEFAULT_LR, linear_probe
+
+    setup = _setup("linear-probe", source, data, arch=arch, random_init=random_init, raw_pixels=raw_pixels,
+                   image_size=image_size, crop_pct=crop_pct, device=device, seed=seed, train_split=train_split,
+                   test_split=test_split)
+    metrics = linear_probe(setup.encoder, setup.splits["train"][1], setup.splits["test"][1], setup.info.transform(),
+                           epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
+                           optimizer=optimizer, bn_head=bn_head, standardize=standardize,  # type: ignore[arg-type]
+                           device=setup.device, seed=seed, num_workers=num_workers, log=info)
+    params = {"epochs": epochs, "lr": DEFAULT_LR.get(optimizer) if lr is None else lr, "weight_decay": weight_decay,
+              "optimizer": optimizer, "bn_head": bn_head, "standardize": standardize, "batch_size": batch_size,
+              "seed": seed}
+    _report(setup, metrics, out, params)
+
+
+def register(app: typer.Typer) -> None:
+    """Adds ``knn`` and ``linear-probe`` to the root app."""
+    app.command("knn")(knn_command)
+    app.command("linear-probe")(linear_probe_command)

@@ -1,0 +1,205 @@
+"""Typed configuration: recipes (YAML) -> variant -> CLI options -> ``--set`` overrides.
+
+A recipe file ``recipes/<method>.yaml`` holds the paper's defaults at the top level and named
+variants (e.g. ``small`` for the embedded data) under ``variants:``.  Everything is parsed
+into dataclasses strictly: an unknown key is a :class:`UserError` that suggests close names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from sslcli.augment import AugmentConfig
+from sslcli.engine.optim import OptimConfig
+from sslcli.errors import UserError, suggest
+
+
+@dataclass
+class PretrainConfig:
+    """Everything a pretraining run needs, written to ``RUN/config.yaml``."""
+
+    method: str
+    arch: str = "resnet50"
+    epochs: int = 100
+    batch_size: int = 256  # global, over all ranks
+    data: str | None = None
+    seed: int = 0
+    num_workers: int = 2
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    sync_bn: bool = True
+    log_every: int = 10
+    keep_checkpoints: int = 2
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    method_args: dict[str, Any] = field(default_factory=dict)
+    paper: str = ""
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Checks ``value`` against the annotation ``tp``, converting lists to tuples / dataclasses."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except UserError as err:
+                errors.append(str(err))
+        raise UserError(errors[0])
+    if origin is Literal:
+        if value not in args:
+            raise UserError(f"config key '{key}' must be one of {list(args)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise UserError(f"config key '{key}' must be a mapping")
+        return from_dict(tp, value, prefix=f"{key}.")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"config key '{key}' must be a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise UserError(f"config key '{key}' needs {len(args)} values, got {len(value)}")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        out = [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict or tp is Any:
+        return value
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, str, bool) and (type(value) is tp):
+        return value
+    raise UserError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Builds dataclass ``cls`` from ``data``, rejecting unknown keys with a suggestion."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            full = [prefix + n for n in names]
+            raise UserError(f"unknown config key '{prefix}{key}'{suggest(prefix + key, full)}")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # a required field is missing
+        raise UserError(f"incomplete config {cls.__name__}: {err}") from None
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain YAML-safe dict (tuples become lists)."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def recipe_path(method: str) -> Path:
+    return Path(str(resources.files("sslcli").joinpath("recipes", f"{method}.yaml")))
+
+
+def load_recipe(method: str, recipe: str | None) -> dict:
+    """The recipe dict for ``method``: its paper defaults, a named variant, or a user file.
+
+    ``recipe`` is ``None`` (paper defaults), a variant name from the method's recipe file
+    (e.g. ``small``), or a path to a YAML file in the same format.
+    """
+    base_file = recipe_path(method)
+    base = yaml.safe_load(base_file.read_text()) if base_file.exists() else {}
+    variants = base.pop("variants", {}) or {}
+    if recipe is None:
+        return base
+    if recipe in variants:
+        return deep_merge(base, variants[recipe])
+    path = Path(recipe)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.exists():
+            raise UserError(f"recipe file '{recipe}' does not exist; pass a variant name or an existing YAML file")
+        user = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(user, dict):
+            raise UserError(f"recipe file '{recipe}' must hold a mapping of config keys")
+        user.pop("variants", None)
+        return deep_merge(base, user)
+    raise UserError(
+        f"unknown recipe '{recipe}' for {method}{suggest(recipe, variants)}; "
+        f"variants: {', '.join(variants) or 'none'}, or pass a .yaml file"
+    )
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def set_path(data: dict, key: str, value: Any) -> dict:
+    """A copy of ``data`` with the dotted ``key`` set to ``value`` (sections created as needed)."""
+    out = dict(data)
+    node = out
+    *parents, leaf = key.split(".")
+    for p in parents:
+        child = node.get(p)
+        if child is not None and not isinstance(child, dict):
+            raise UserError(f"bad --set key '{key}': '{p}' is not a section")
+        node[p] = dict(child or {})
+        node = node[p]
+    node[leaf] = value
+    return out
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``'optim.lr=0.1'`` -> ``('optim.lr', 0.1)``; the value is parsed as YAML."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"bad --set '{item}'; use --set key=value, e.g. --set optim.lr=0.1")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        raise UserError(f"bad --set value in '{item}'; quote strings and write lists as [a, b]") from None
+    return key.strip(), value
+
+
+def build_config(method: str, recipe: str | None = None, options: dict[str, Any] | None = None,
+                 sets: list[str] | None = None) -> PretrainConfig:
+    """Resolves a run's config: recipe (+ variant) < explicit CLI ``options`` < ``--set`` strings.
+
+    ``options`` maps dotted config keys (``epochs``, ``optim.lr``) to values; ``None`` means
+    "not given".  Unknown keys anywhere raise :class:`UserError` with a suggestion.
+    """
+    from sslcli.methods.base import get_method, hyperparameters
+
+    known = hyperparameters(get_method(method))  # unknown method -> UserError before any work
+    data = load_recipe(method, recipe)
+    data["method"] = method
+    pairs = [(k, v) for k, v in (options or {}).items() if v is not None]
+    pairs += [parse_override(item) for item in sets or []]
+    for key, value in pairs:
+        data = set_path(data, key, value)
+    cfg = from_dict(PretrainConfig, data)
+    for key in cfg.method_args:
+        if key not in known:
+            raise UserError(f"unknown config key 'method_args.{key}' for {method}{suggest(key, known)}; "
+                            f"valid: {', '.join(known)}")
+    return cfg

@@ -1,0 +1,1 @@
+"""The shared engine: schedules, EMA, queues, optimisers, the training loop and its helpers."""

@@ -1,0 +1,113 @@
+"""Backbone weights as safetensors with timm-compatible keys and self-describing metadata.
+
+The file loads into timm without sslcli::
+
+    meta = safetensors.safe_open(path, "pt").metadata()
+    model = timm.create_model(meta["timm_name"], num_classes=0, **json.loads(meta["timm_kwargs"]))
+    model.load_state_dict(safetensors.torch.load_file(path), strict=True)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+import sslcli
+from sslcli.errors import UserError
+from sslcli.models.encoders import Encoder, EncoderSpec
+
+FORMAT = "sslcli-encoder/1"
+
+
+def encoder_metadata(encoder: Encoder, *, method: str, image_size: int, mean: tuple[float, ...],
+                     std: tuple[float, ...], epochs: int, **extra: Any) -> dict[str, str]:
+    meta = {
+        "format": FORMAT, "sslcli_version": sslcli.__version__, "method": method, "arch": encoder.spec.arch,
+        "timm_name": encoder.spec.timm_name, "timm_kwargs": json.dumps(encoder.spec.timm_kwargs),
+        "image_size": str(image_size), "mean": json.dumps(list(mean)), "std": json.dumps(list(std)),
+        "epochs": str(epochs), "feature_dim": str(encoder.dim),
+    }
+    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in extra.items()})
+    return meta
+
+
+def save_encoder(encoder: Encoder, path: Path, metadata: dict[str, str]) -> Path:
+    """Writes the backbone (timm keys, contiguous CPU tensors) atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in encoder.model.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
+def read_metadata(path: Path | str) -> dict[str, str]:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"weights file '{path}' does not exist; pass a run directory or an exported .safetensors file")
+    try:
+        with safe_open(str(path), "pt") as fh:
+            meta = fh.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(f"'{path}' is not a readable safetensors file ({err})") from None
+    if meta.get("format") != FORMAT:
+        raise UserError(f"'{path}' has no sslcli encoder metadata; export it with `sslcli export RUN --out FILE`")
+    return meta
+
+
+def load_encoder(path: Path | str, expect_arch: str | None = None) -> tuple[Encoder, dict[str, str]]:
+    """Rebuilds the backbone recorded in ``path``'s metadata and loads its weights strictly."""
+    path = Path(path)
+    meta = read_metadata(path)
+    if expect_arch is not None and expect_arch != meta["arch"]:
+        raise UserError(f"'{path}' holds a {meta['arch']} encoder, not {expect_arch}; drop --arch or pass matching weights")
+    spec = EncoderSpec(arch=meta["arch"], timm_name=meta["timm_name"], timm_kwargs=json.loads(meta["timm_kwargs"]))
+    encoder = Encoder(spec)
+    state = load_file(str(path))
+    own = encoder.model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    misshaped = [k for k in state if k in own and own[k].shape != state[k].shape]
+    if missing or unexpected or misshaped:
+        raise UserError(
+            f"weights in '{path}' do not fit {meta['arch']} ({len(missing)} missing, {len(unexpected)} unexpected, "
+            f"{len(misshaped)} mis-shaped tensors); re-export the run or pass matching weights"
+        )
+    encoder.model.load_state_dict(state, strict=True)
+    return encoder, meta
+
+
+def state_to_tensor_dict(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The sub-dict of ``state`` under ``prefix`` (e.g. ``'backbone.model.'``), prefix removed."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def export_run(run: Path, out: Path, *, overwrite: bool = False) -> Path:
+    """Writes the backbone of a run's latest checkpoint (or of a checkpoint file) to ``out``."""
+    from sslcli.config import PretrainConfig, from_dict
+    from sslcli.engine import checkpoint
+    from sslcli.models.encoders import resolve_arch
+
+    run = Path(run)
+    if not run.exists():
+        raise UserError(f"run '{run}' does not exist; pass a run directory written by `sslcli pretrain` or a .pt checkpoint")
+    ckpt = run if run.is_file() else checkpoint.latest(run / "checkpoints")
+    if ckpt is None:
+        raise UserError(f"'{run}' has no checkpoints yet; train it with `sslcli pretrain ... --out {run}` first")
+    if out.exists() and not overwrite:
+        raise UserError(f"'{out}' already exists; pass --overwrite to replace it or choose another --out")
+    state = checkpoint.load(ckpt)
+    cfg: PretrainConfig = from_dict(PretrainConfig, state["config"])
+    encoder = Encoder(resolve_arch(cfg.arch, img_size=cfg.augment.eval_size))
+    weights = state_to_tensor_dict(state["model"], "backbone.model.")
+    encoder.model.load_state_dict(weights, strict=True)
+    meta = encoder_metadata(encoder, method=cfg.method, image_size=cfg.augment.eval_size, mean=cfg.augment.mean,
+                            std=cfg.augment.std, epochs=int(state["epoch"]) + 1,
+                            eval_crop_pct=str(cfg.augment.eval_crop_pct), checkpoint=ckpt.name)
+    return save_encoder(encoder, Path(out), meta)

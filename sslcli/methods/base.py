@@ -1,0 +1,95 @@
+"""The one interface every pretraining method implements, and the method registry.
+
+A method is an ``nn.Module`` built from an :class:`~sslcli.models.encoders.Encoder` plus its
+keyword hyper-parameters (the recipe's ``method_args``).  The training loop only ever calls:
+
+- ``forward(views, batch) -> StepOutput`` with the loss to minimise;
+- ``after_step(progress)`` after each optimiser step (EMA updates, queue bookkeeping);
+- ``param_groups()`` once, to build the optimiser;
+- ``backbone`` for export and evaluation.
+"""
+
+from __future__ import annotations
+
+import abc
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from torch import nn
+
+from sslcli.engine.optim import param_groups
+from sslcli.errors import UserError, suggest
+from sslcli.models.encoders import Encoder
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    logs: dict[str, torch.Tensor | float] = field(default_factory=dict)
+
+
+class Method(nn.Module, abc.ABC):
+    name: ClassVar[str] = ""
+
+    def __init__(self, encoder: Encoder) -> None:
+        super().__init__()
+        self.backbone = encoder
+
+    @abc.abstractmethod
+    def forward(self, views: list[torch.Tensor], batch: dict[str, Any]) -> StepOutput:
+        """One training step's loss from the augmented ``views`` (``[B, C, H, W]`` each)."""
+
+    def after_step(self, progress: float) -> None:
+        """Called after each optimiser step with ``progress`` = fraction of training done."""
+
+    def param_groups(self) -> list[dict]:
+        return param_groups(self)
+
+    def describe(self) -> dict[str, str]:
+        """Run-time facts worth logging once (e.g. which Shuffle-BN mode is active)."""
+        return {}
+
+
+METHODS: dict[str, type[Method]] = {}
+M = TypeVar("M", bound=type[Method])
+
+
+def register_method(name: str) -> Callable[[M], M]:
+    """Class decorator adding a method to the registry under ``name``."""
+    def decorate(cls: M) -> M:
+        if name in METHODS:
+            raise ValueError(f"method {name!r} registered twice")
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+
+    return decorate
+
+
+def get_method(name: str) -> type[Method]:
+    import sslcli.methods  # noqa: F401 - importing the package registers every method
+
+    if name not in METHODS:
+        raise UserError(f"unknown method '{name}'{suggest(name, METHODS)}; available: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def hyperparameters(cls: type[Method]) -> dict[str, Any]:
+    """The method's keyword hyper-parameters and their defaults (from ``__init__``)."""
+    sig = inspect.signature(cls.__init__)
+    return {n: p.default for n, p in sig.parameters.items() if n not in ("self", "encoder")}
+
+
+def build_method(name: str, encoder: Encoder, method_args: dict[str, Any]) -> Method:
+    cls = get_method(name)
+    known = hyperparameters(cls)
+    for key in method_args:
+        if key not in known:
+            raise UserError(
+                f"unknown config key 'method_args.{key}' for {name}{suggest(key, known)}; "
+                f"valid: {', '.join(known)}"
+            )
+    return cls(encoder, **method_args)

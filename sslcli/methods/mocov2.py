@@ -1,0 +1,66 @@
+"""MoCo v2 (Chen et al., 2020, "Improved Baselines with Momentum Contrastive Learning").
+
+MoCo v1 (He et al., 2020) with an MLP head, blur augmentation, a cosine lr and t = 0.2:
+
+    q = normalize(g_q(f_q(x_q)))              # query: backbone + 2-layer MLP head
+    k = normalize(g_k(f_k(x_k)))  no grad     # key encoder = EMA of the query encoder, Shuffling BN
+    loss = InfoNCE(q, k, queue, t)            # positive k, negatives = the K queued keys
+    enqueue(all_gather(k)); (f_k, g_k) <- m (f_k, g_k) + (1 - m) (f_q, g_q)
+
+The official v2 loss is one-directional; ``symmetric=True`` adds the swapped term.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from sslcli import distributed as dist
+from sslcli.engine import shuffle_bn
+from sslcli.engine.ema import ema_update_, make_target
+from sslcli.engine.feature_queue import FeatureQueue
+from sslcli.engine.schedule import schedule
+from sslcli.losses import info_nce
+from sslcli.methods.base import Method, StepOutput, register_method
+from sslcli.models.encoders import Encoder
+from sslcli.models.heads import build_mlp
+
+
+@register_method("mocov2")
+class MoCoV2(Method):
+    def __init__(self, encoder: Encoder, dim: int = 128, mlp_hidden: int = 2048, queue_size: int = 65536,
+                 momentum: float = 0.999, momentum_end: float | None = None, temperature: float = 0.2,
+                 symmetric: bool = False, shuffle_splits: int = 4) -> None:
+        super().__init__(encoder)
+        self.temperature, self.symmetric, self.shuffle_splits = temperature, symmetric, shuffle_splits
+        self.momentum, self.momentum_end = momentum, momentum if momentum_end is None else momentum_end
+        head = build_mlp(encoder.dim, [(mlp_hidden, None, "relu"), (dim, None, None)])
+        self.query = nn.Sequential(encoder, head)
+        self.key = make_target(self.query)
+        self.queue = FeatureQueue(queue_size, dim)
+
+    @torch.no_grad()
+    def _keys(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(shuffle_bn.shuffled_forward(self.key, x, self.shuffle_splits), dim=1)
+
+    def forward(self, views: list[torch.Tensor], batch: dict[str, Any]) -> StepOutput:
+        x1, x2 = views[:2]
+        negatives = self.queue.negatives()
+        q1, k2 = self.query(x1), self._keys(x2)
+        loss = info_nce(q1, k2, negatives, self.temperature)
+        keys = k2
+        if self.symmetric:
+            q2, k1 = self.query(x2), self._keys(x1)
+            loss = (loss + info_nce(q2, k1, negatives, self.temperature)) / 2
+            keys = torch.cat([k1, k2])
+        self.queue.enqueue(dist.gather_no_grad(keys))
+        return StepOutput(loss)
+
+    def after_step(self, progress: float) -> None:
+        m = schedule(progress, 1.0, start=self.momentum, end=self.momentum_end)
+        ema_update_(self.key, self.query, m)
+
+    def describe(self) -> dict[str, str]:
+        return {"shuffle_bn": shuffle_bn.mode(self.shuffle_splits), "queue": str(self.queue.size)}

@@ -1,0 +1,97 @@
+"""Backbones are timm models created by name with ``pretrained=False`` and ``num_classes=0``.
+
+Short aliases map to a timm name plus keyword arguments.  Every alias is plain timm: the
+exported weights load with ``timm.create_model(timm_name, num_classes=0, **timm_kwargs)``
+and ``load_state_dict(strict=True)``; both values are written into the export metadata.
+Small-input variants (for the 32-64 px embedded data) are ViTs with small patches; ResNets
+need no variant because their global pool accepts any input size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from sslcli.errors import UserError, suggest
+
+# alias -> (timm name, extra timm kwargs)
+ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "resnet18": ("resnet18", {}),
+    "resnet34": ("resnet34", {}),
+    "resnet50": ("resnet50", {}),
+    "resnet101": ("resnet101", {}),
+    "resnet152": ("resnet152", {}),
+    "resnet50w2": ("wide_resnet50_2", {}),
+    "regnety_16gf": ("regnety_160", {}),
+    "vit_tiny": ("vit_tiny_patch16_224", {}),
+    "vit_s16": ("vit_small_patch16_224", {}),
+    "vit_s8": ("vit_small_patch8_224", {}),
+    "vit_b16": ("vit_base_patch16_224", {}),
+    "vit_b8": ("vit_base_patch8_224", {}),
+    "vit_l16": ("vit_large_patch16_224", {}),
+    "vit_h14": ("vit_huge_patch14_224", {}),
+    # small-input variants: 8x8 token grids at 32 px (p4) and 64 px (p8)
+    "vit_tiny_p4": ("vit_tiny_patch16_224", {"patch_size": 4}),
+    "vit_tiny_p8": ("vit_tiny_patch16_224", {"patch_size": 8}),
+    "vit_s_p4": ("vit_small_patch16_224", {"patch_size": 4}),
+    "vit_s_p8": ("vit_small_patch16_224", {"patch_size": 8}),
+}
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Everything needed to rebuild a backbone, with or without sslcli."""
+
+    arch: str
+    timm_name: str
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def create(self) -> nn.Module:
+        return timm.create_model(self.timm_name, pretrained=False, num_classes=0, **self.timm_kwargs)
+
+
+def resolve_arch(arch: str, img_size: int | None = None) -> EncoderSpec:
+    """Maps an alias or any timm model name to an :class:`EncoderSpec`.
+
+    Models whose timm config declares a fixed input size (ViT, Swin, ...) are built for
+    ``img_size`` so their positional embeddings match the crops they will see.
+    """
+    if arch in ALIASES:
+        timm_name, kwargs = ALIASES[arch]
+        kwargs = dict(kwargs)
+    elif timm.is_model(arch):
+        timm_name, kwargs = arch, {}
+    else:
+        raise UserError(
+            f"unknown architecture '{arch}'{suggest(arch, list(ALIASES) + timm.list_models())}; "
+            "see `sslcli pretrain --help` for aliases, or pass any timm model name"
+        )
+    cfg = timm.models.get_pretrained_cfg(timm_name)
+    if img_size is not None and cfg is not None and cfg.fixed_input_size:
+        kwargs["img_size"] = img_size
+    return EncoderSpec(arch=arch, timm_name=timm_name, timm_kwargs=kwargs)
+
+
+class Encoder(nn.Module):
+    """A timm backbone returning pooled features ``h`` of shape ``[B, dim]``."""
+
+    def __init__(self, spec: EncoderSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.model = spec.create()
+        self.dim: int = self.model.num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def forward_dense(self, x: torch.Tensor) -> torch.Tensor:
+        """Unpooled features (``[B, C, H, W]`` for CNNs, ``[B, T, C]`` for ViTs)."""
+        return self.model.forward_features(x)
+
+
+def create_encoder(arch: str, img_size: int | None = None) -> Encoder:
+    return Encoder(resolve_arch(arch, img_size))

@@ -1,0 +1,17 @@
+"""Shared fixtures: a small generated dataset that tests across the package can train and evaluate on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sslcli.data.synth import generate_synthetic
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A generated dataset directory: 600 train + 300 test images of 32 px in 200-sample shards."""
+    out = tmp_path_factory.mktemp("synth") / "shapes"
+    generate_synthetic(out, train=600, test=300, size=32, seed=0, shard_size=200)
+    return out

@@ -1,0 +1,38 @@
+"""Runs one SimCLR step on a fixed global batch and saves the loss and gradients.
+
+Launched as a plain process (1 rank x B) or by torchrun (N ranks x B/N); the test compares
+the two.  BatchNorm runs in eval mode so that per-rank batch statistics (SyncBN has no CPU
+kernels) do not mask what is under test: the loss, the cross-rank gather and its gradient.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+from sslcli import distributed as dist
+from sslcli.methods import build_method
+from sslcli.models.encoders import create_encoder
+
+
+def main(out: Path) -> None:
+    dist.init_from_env(torch.device("cpu"))
+    torch.manual_seed(0)
+    method = build_method("simclr", create_encoder("resnet18"), {"temperature": 0.5, "proj_hidden": 64, "proj_dim": 16})
+    method.eval()
+    g = torch.Generator().manual_seed(1)
+    x1, x2 = torch.randn(8, 3, 32, 32, generator=g), torch.randn(8, 3, 32, 32, generator=g)
+    n = 8 // dist.world_size()
+    lo = dist.rank() * n
+    model = dist.wrap_ddp(method, torch.device("cpu"))
+    out_step = model([x1[lo:lo + n], x2[lo:lo + n]], {})
+    out_step.loss.backward()
+    loss = dist.all_reduce_mean(out_step.loss.detach())
+    grads = {k: p.grad.detach().clone() for k, p in method.named_parameters() if p.grad is not None}
+    if dist.is_main():
+        torch.save({"loss": loss, "grads": grads, "world": dist.world_size()}, out)
+    dist.shutdown()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
