@@ -81,6 +81,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return tuple(out) if origin is tuple else out
     if origin is dict or tp is Any:
         return value
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-4" (no dot) as a string; users type it anyway
+            return float(value)
+        except ValueError:
+            pass
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if tp in (int, str, bool) and (type(value) is tp):

@@ -37,3 +37,13 @@ def test_simclr_two_ranks_equal_one_rank(tmp_path: Path) -> None:
     assert a["grads"].keys() == b["grads"].keys() and len(a["grads"]) > 10
     for key in a["grads"]:
         assert torch.allclose(a["grads"][key], b["grads"][key], rtol=1e-4, atol=1e-6), key
+
+
+def test_shuffle_bn_across_two_ranks(tmp_path: Path) -> None:
+    out = tmp_path / "shuffle.pt"
+    _torchrun("shuffle_bn_check.py", str(out))
+    both = torch.load(out)
+    assert both[:, 0].tolist() == [1.0, 1.0]  # outputs come back in each rank's own row order
+    # Plain per-rank BN would give every rank zero-mean outputs; shuffled BN normalises each rank's rows
+    # with statistics of a mixed group, and rank 0's rows (smaller values) land below the mixed mean.
+    assert (both[:, 1] > 0.1).all()

@@ -60,7 +60,8 @@ def train(
             for i, batch in enumerate(loader_for_epoch(epoch)):
                 lr, wd = apply_schedules(optimizer, settings.optim, settings.base_lr, epoch + i / steps_per_epoch,
                                          settings.epochs)
-                views = [v.to(settings.device, non_blocking=True) for v in batch["views"]]
+                views = [v.to(settings.device, non_blocking=True, memory_format=torch.channels_last)
+                         for v in batch["views"]]
                 with autocast(settings.device, settings.amp_dtype):
                     out = model(views, batch)
                 optimizer.zero_grad(set_to_none=True)

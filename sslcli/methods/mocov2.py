@@ -22,7 +22,7 @@ from sslcli.engine import shuffle_bn
 from sslcli.engine.ema import ema_update_, make_target
 from sslcli.engine.feature_queue import FeatureQueue
 from sslcli.engine.schedule import schedule
-from sslcli.losses import info_nce
+from sslcli.losses import collapse_std, info_nce
 from sslcli.methods.base import Method, StepOutput, register_method
 from sslcli.models.encoders import Encoder
 from sslcli.models.heads import build_mlp
@@ -56,7 +56,7 @@ class MoCoV2(Method):
             loss = (loss + info_nce(q2, k1, negatives, self.temperature)) / 2
             keys = torch.cat([k1, k2])
         self.queue.enqueue(dist.gather_no_grad(keys))
-        return StepOutput(loss)
+        return StepOutput(loss, {"q_std": collapse_std(q1), "k_std": collapse_std(keys)})
 
     def after_step(self, progress: float) -> None:
         m = schedule(progress, 1.0, start=self.momentum, end=self.momentum_end)

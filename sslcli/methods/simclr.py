@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from sslcli import distributed as dist
-from sslcli.losses import nt_xent
+from sslcli.losses import collapse_std, nt_xent
 from sslcli.methods.base import Method, StepOutput, register_method
 from sslcli.models.encoders import Encoder
 from sslcli.models.heads import build_mlp, mlp_layers
@@ -32,4 +32,4 @@ class SimCLR(Method):
         z1, z2 = self.projector(self.backbone(x1)), self.projector(self.backbone(x2))
         loss = nt_xent(z1, z2, self.temperature, keys1=dist.gather_with_grad(z1), keys2=dist.gather_with_grad(z2),
                        offset=dist.rank() * z1.shape[0])
-        return StepOutput(loss)
+        return StepOutput(loss, {"z_std": collapse_std(z1)})

@@ -1,0 +1,93 @@
+"""Training throughput per method: model step alone (synthetic tensors) and end to end (shards).
+
+    python -m benchmarks.train_throughput --data demo/data --steps 20 --out benchmarks/results/throughput.json
+
+Uses each method's `small` recipe (the one `make demo` trains), so the figures describe that job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from sslcli.augment import MultiView
+from sslcli.config import build_config
+from sslcli.data.reader import build_loader, resolve_source
+from sslcli.engine.optim import build_optimizer
+from sslcli.methods import METHODS, build_method, get_method
+from sslcli.models.encoders import create_encoder
+
+
+def _step(method, optimizer, views, batch) -> None:  # noqa: ANN001
+    out = method(views, batch)
+    optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    optimizer.step()
+    method.after_step(0.5)
+
+
+def measure(name: str, data: str, steps: int, warmup: int = 3) -> dict:
+    cfg = build_config(name, "small", {"data": data})
+    torch.manual_seed(0)
+    method = build_method(name, create_encoder(cfg.arch, cfg.augment.eval_size), cfg.method_args)
+    method = method.to(memory_format=torch.channels_last).train()
+    optimizer = build_optimizer(method.param_groups(), cfg.optim, cfg.optim.scaled_lr(cfg.batch_size))
+    bs, size = cfg.batch_size, cfg.augment.eval_size
+
+    views = [torch.randn(bs, 3, size, size).to(memory_format=torch.channels_last) for _ in range(cfg.augment.num_views)]
+    for i in range(warmup + steps):
+        if i == warmup:
+            start = time.perf_counter()
+        _step(method, optimizer, views, {})
+    model_ips = bs * steps / (time.perf_counter() - start)
+
+    loader = build_loader(resolve_source(data), MultiView(cfg.augment), batch_size=bs, shuffle=True,
+                          num_workers=cfg.num_workers)
+    start = time.perf_counter()
+    n = 0
+    for n, _ in enumerate(loader, 1):
+        if n == steps:
+            break
+    data_ips = bs * n / (time.perf_counter() - start)
+
+    seen = 0
+    for i, batch in enumerate(loader):
+        if i == warmup:
+            start, seen = time.perf_counter(), 0
+        _step(method, optimizer, [v.to(memory_format=torch.channels_last) for v in batch["views"]], batch)
+        seen += bs
+        if i == warmup + steps - 1:
+            break
+    e2e_ips = seen / (time.perf_counter() - start)
+    return {"method": name, "arch": cfg.arch, "batch_size": bs, "image_size": size, "views": cfg.augment.num_views,
+            "num_workers": cfg.num_workers, "model_img_per_s": round(model_ips, 1),
+            "data_img_per_s": round(data_ips, 1), "end_to_end_img_per_s": round(e2e_ips, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--methods", nargs="*", default=None)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/throughput.json"))
+    args = parser.parse_args()
+    get_method("simclr")
+    rows = [measure(m, args.data, args.steps) for m in (args.methods or sorted(METHODS))]
+    machine = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+               "torch": torch.__version__, "device": "cpu"}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
+    print("| method | arch | batch | model img/s | data img/s | end-to-end img/s |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['method']} | {r['arch']} @ {r['image_size']} px | {r['batch_size']} | {r['model_img_per_s']} | "
+              f"{r['data_img_per_s']} | {r['end_to_end_img_per_s']} |")
+
+
+if __name__ == "__main__":
+    main()
