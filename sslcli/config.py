@@ -193,9 +193,9 @@ def build_config(method: str, recipe: str | None = None, options: dict[str, Any]
     ``options`` maps dotted config keys (``epochs``, ``optim.lr``) to values; ``None`` means
     "not given".  Unknown keys anywhere raise :class:`UserError` with a suggestion.
     """
-    from sslcli.methods.base import get_method, hyperparameters
+    from sslcli.methods.base import check_method_args, get_method
 
-    known = hyperparameters(get_method(method))  # unknown method -> UserError before any work
+    get_method(method)  # an unknown method fails before any file is read
     data = load_recipe(method, recipe)
     data["method"] = method
     pairs = [(k, v) for k, v in (options or {}).items() if v is not None]
@@ -203,8 +203,5 @@ def build_config(method: str, recipe: str | None = None, options: dict[str, Any]
     for key, value in pairs:
         data = set_path(data, key, value)
     cfg = from_dict(PretrainConfig, data)
-    for key in cfg.method_args:
-        if key not in known:
-            raise UserError(f"unknown config key 'method_args.{key}' for {method}{suggest(key, known)}; "
-                            f"valid: {', '.join(known)}")
+    check_method_args(method, cfg.method_args)
     return cfg

@@ -83,7 +83,8 @@ def hyperparameters(cls: type[Method]) -> dict[str, Any]:
     return {n: p.default for n, p in sig.parameters.items() if n not in ("self", "encoder")}
 
 
-def build_method(name: str, encoder: Encoder, method_args: dict[str, Any]) -> Method:
+def check_method_args(name: str, method_args: dict[str, Any]) -> type[Method]:
+    """The method's class, after checking ``method_args`` names only its hyper-parameters."""
     cls = get_method(name)
     known = hyperparameters(cls)
     for key in method_args:
@@ -92,4 +93,8 @@ def build_method(name: str, encoder: Encoder, method_args: dict[str, Any]) -> Me
                 f"unknown config key 'method_args.{key}' for {name}{suggest(key, known)}; "
                 f"valid: {', '.join(known)}"
             )
-    return cls(encoder, **method_args)
+    return cls
+
+
+def build_method(name: str, encoder: Encoder, method_args: dict[str, Any]) -> Method:
+    return check_method_args(name, method_args)(encoder, **method_args)
