@@ -34,7 +34,7 @@ def _step(method, optimizer, views, batch) -> None:  # noqa: ANN001
 def measure(name: str, data: str, steps: int, warmup: int = 3) -> dict:
     cfg = build_config(name, "small", {"data": data})
     torch.manual_seed(0)
-    method = build_method(name, create_encoder(cfg.arch, cfg.augment.eval_size), cfg.method_args)
+    method = build_method(name, create_encoder(cfg.arch, cfg.augment.eval_size), cfg.method_args, num_samples=10_000)
     method = method.to(memory_format=torch.channels_last).train()
     optimizer = build_optimizer(method.param_groups(), cfg.optim, cfg.optim.scaled_lr(cfg.batch_size))
     bs, size = cfg.batch_size, cfg.augment.eval_size
@@ -43,7 +43,7 @@ def measure(name: str, data: str, steps: int, warmup: int = 3) -> dict:
     for i in range(warmup + steps):
         if i == warmup:
             start = time.perf_counter()
-        _step(method, optimizer, views, {})
+        _step(method, optimizer, views, {"index": torch.arange(bs)})  # memory banks key on the index
     model_ips = bs * steps / (time.perf_counter() - start)
 
     loader = build_loader(resolve_source(data), MultiView(cfg.augment), batch_size=bs, shuffle=True,

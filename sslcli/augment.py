@@ -25,6 +25,7 @@ class ViewConfig:
     count: int = 2
     size: int = 224
     scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # scale [1, 1] + ratio [1, 1] = the whole image, resized
     flip: float = 0.5
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
     jitter_p: float = 0.8
@@ -56,7 +57,7 @@ def _to_tensor(mean: Sequence[float], std: Sequence[float]) -> list[T.Transform]
 
 
 def view_transform(v: ViewConfig, mean: Sequence[float], std: Sequence[float]) -> T.Compose:
-    ops: list[T.Transform] = [T.RandomResizedCrop(v.size, scale=tuple(v.scale), antialias=True)]
+    ops: list[T.Transform] = [T.RandomResizedCrop(v.size, scale=tuple(v.scale), ratio=tuple(v.ratio), antialias=True)]
     if v.flip > 0:
         ops.append(T.RandomHorizontalFlip(v.flip))
     if v.jitter_p > 0:

@@ -35,6 +35,7 @@ class PretrainConfig:
     num_workers: int = 2
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     sync_bn: bool = True
+    freeze_patch_embed: bool = False  # MoCo v3's random, frozen ViT patch projection
     log_every: int = 10
     keep_checkpoints: int = 2
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -1,10 +1,12 @@
 """Real multi-process behaviour with gloo: 2 ranks x B/2 must equal 1 rank x B."""
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from sslcli import distributed as dist
@@ -27,10 +29,21 @@ def test_single_process_helpers_are_identities() -> None:
     assert torch.equal(dist.gather_no_grad(x), x) and torch.equal(dist.all_reduce_mean(x), x)
 
 
-def test_simclr_two_ranks_equal_one_rank(tmp_path: Path) -> None:
+# Methods whose maths says a 2-rank step equals a 1-rank step on the same global batch.
+EQUIVALENT_STEPS = {
+    "simclr": {"temperature": 0.5, "proj_hidden": 64, "proj_dim": 16},
+    "mocov3": {"temperature": 0.2, "mlp_hidden": 64, "dim": 16},
+    "invaspread": {"temperature": 0.1, "dim": 16},
+}
+
+
+@pytest.mark.parametrize("name", sorted(EQUIVALENT_STEPS))
+def test_two_ranks_equal_one_rank(name: str, tmp_path: Path) -> None:
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
-    subprocess.run([sys.executable, str(SCRIPTS / "simclr_equivalence.py"), str(one)], check=True, timeout=300)
-    _torchrun("simclr_equivalence.py", str(two))
+    args = json.dumps(EQUIVALENT_STEPS[name])
+    subprocess.run([sys.executable, str(SCRIPTS / "step_equivalence.py"), name, args, str(one)], check=True,
+                   timeout=300)
+    _torchrun("step_equivalence.py", name, args, str(two))
     a, b = torch.load(one), torch.load(two)
     assert a["world"] == 1 and b["world"] == 2
     assert torch.allclose(a["loss"], b["loss"], atol=1e-5)

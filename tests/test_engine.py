@@ -111,3 +111,9 @@ def test_optimizers_reduce_a_quadratic(name: str) -> None:
         loss.backward()
         opt.step()
     assert loss.item() < first
+
+
+def test_step_schedule_multiplies_at_each_milestone() -> None:
+    values = [schedule(e, 200, start=0.03, kind="step", milestones=(120, 160)) for e in (0, 119.9, 120, 159, 160, 199)]
+    assert values == pytest.approx([0.03, 0.03, 0.003, 0.003, 0.0003, 0.0003])
+    assert schedule(0.5, 200, start=0.03, warmup=1, kind="step", milestones=(120,)) == pytest.approx(0.015)

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from sslcli.losses import info_nce, nt_xent
+from sslcli.losses import in_batch_contrastive, info_nce, nt_xent
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -67,3 +67,27 @@ def test_info_nce_gradient_flows_only_through_query() -> None:
     k = torch.randn(4, 3)
     info_nce(q, k, torch.randn(10, 3), 0.2).backward()
     assert q.grad is not None and q.grad.abs().sum() > 0
+
+
+def in_batch_reference(q: torch.Tensor, k: torch.Tensor, t: float, offset: int) -> float:
+    total = 0.0
+    for i in range(q.shape[0]):
+        denom = sum(math.exp(_cos(q[i], k[j]) / t) for j in range(k.shape[0]))
+        total += -math.log(math.exp(_cos(q[i], k[offset + i]) / t) / denom)
+    return total / q.shape[0]
+
+
+def test_in_batch_contrastive_matches_reference() -> None:
+    torch.manual_seed(0)
+    q, k = torch.randn(3, 5, dtype=torch.float64), torch.randn(7, 5, dtype=torch.float64)
+    for offset in (0, 2, 4):
+        got = in_batch_contrastive(q, k, 0.2, offset=offset).item()
+        assert math.isclose(got, in_batch_reference(q, k, 0.2, offset), rel_tol=1e-5)
+
+
+def test_in_batch_contrastive_on_a_rank_slice_equals_full_batch_rows() -> None:
+    torch.manual_seed(1)
+    q, k = torch.randn(8, 4), torch.randn(8, 4)
+    full = in_batch_contrastive(q, k, 0.5)
+    halves = [in_batch_contrastive(q[r * 4:(r + 1) * 4], k, 0.5, offset=r * 4) for r in range(2)]
+    assert torch.allclose(full, sum(halves) / 2, atol=1e-6)

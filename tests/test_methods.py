@@ -40,3 +40,24 @@ def test_method_trains_and_exports(name: str, synth_data: Path, tmp_path: Path) 
     moved = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.equal(v, init[k])]
     assert len(moved) > len(init) // 2, "training did not change the backbone"
     assert meta["method"] == name and meta["image_size"] == "32"
+
+
+def test_moco_v1_and_v2_differ_only_in_head_and_temperature() -> None:
+    v1 = get_method("mocov1")(create_encoder("resnet18"), queue_size=16)
+    v2 = get_method("mocov2")(create_encoder("resnet18"), queue_size=16, mlp_hidden=64)
+    assert [type(m) for m in v1.query[1]] == [torch.nn.Linear]  # linear head
+    assert [type(m) for m in v2.query[1]] == [torch.nn.Linear, torch.nn.ReLU, torch.nn.Linear]
+    assert (v1.temperature, v2.temperature) == (0.07, 0.2)
+
+
+def test_methods_command_lists_every_method_with_a_description() -> None:
+    from typer.testing import CliRunner
+
+    from sslcli.cli.app import app
+    from sslcli.methods.base import describe_method
+
+    result = CliRunner().invoke(app, ["methods"], terminal_width=200)
+    assert result.exit_code == 0
+    for name, cls in METHODS.items():
+        line = next(row for row in result.output.splitlines() if row.split() and row.split()[0] == name)
+        assert len(describe_method(cls)) > 20 and describe_method(cls)[:20] in line

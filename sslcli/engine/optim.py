@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -25,7 +25,9 @@ class OptimConfig:
     momentum: float = 0.9
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_epochs: float = 0.0
-    schedule: Literal["cosine", "constant"] = "cosine"
+    schedule: Literal["cosine", "constant", "step"] = "cosine"
+    milestones: list[float] = field(default_factory=list)  # epochs where a step schedule multiplies lr by gamma
+    gamma: float = 0.1
     clip_grad: float | None = None
 
     def scaled_lr(self, batch_size: int) -> float:
@@ -69,7 +71,8 @@ def build_optimizer(groups: list[dict], cfg: OptimConfig, lr: float) -> torch.op
 def apply_schedules(optimizer: torch.optim.Optimizer, cfg: OptimConfig, base_lr: float, epoch: float,
                     total_epochs: float) -> tuple[float, float]:
     """Sets this step's lr and weight decay on every group; returns them for logging."""
-    lr = schedule(epoch, total_epochs, start=base_lr, end=cfg.min_lr, warmup=cfg.warmup_epochs, kind=cfg.schedule)
+    lr = schedule(epoch, total_epochs, start=base_lr, end=cfg.min_lr, warmup=cfg.warmup_epochs, kind=cfg.schedule,
+                  milestones=cfg.milestones, gamma=cfg.gamma)
     wd = schedule(epoch, total_epochs, start=cfg.weight_decay, end=cfg.weight_decay_end)
     for group in optimizer.param_groups:
         group["lr"] = base_lr if group.get("fixed_lr") else lr

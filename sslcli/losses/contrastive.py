@@ -25,6 +25,22 @@ def info_nce(query: torch.Tensor, key: torch.Tensor, negatives: torch.Tensor, te
     return F.cross_entropy(logits, labels)
 
 
+def in_batch_contrastive(query: torch.Tensor, keys: torch.Tensor, temperature: float, offset: int = 0) -> torch.Tensor:
+    """Cross-entropy of each query against a batch of keys; query ``i``'s positive is key ``offset + i``.
+
+    ``L = -mean_i log( exp(q_i.k_{o+i} / t) / sum_j exp(q_i.k_j / t) )`` with cosine similarities.
+    MoCo v3's ``ctr(q, k)`` is ``2 t`` times this (Chen, Xie, He, 2021, Alg. 1); CLIP's two
+    directions are this with images and texts as queries and keys in turn.
+
+    Shapes: ``query`` ``[n, D]`` (this rank's rows), ``keys`` ``[N, D]`` (the global batch, e.g.
+    gathered across ranks, this rank's rows at ``offset : offset + n``).
+    """
+    q = F.normalize(query.float(), dim=1)
+    k = F.normalize(keys.float(), dim=1)
+    labels = torch.arange(q.shape[0], device=q.device) + offset
+    return F.cross_entropy(q @ k.T / temperature, labels)
+
+
 def nt_xent(
     z1: torch.Tensor,
     z2: torch.Tensor,

@@ -69,6 +69,12 @@ def register_method(name: str) -> Callable[[M], M]:
     return decorate
 
 
+def describe_method(cls: type[Method]) -> str:
+    """One line: the first paragraph of the class docstring, else of its module's (the paper's title)."""
+    doc = cls.__doc__ if cls.__doc__ and cls.__doc__ is not Method.__doc__ else inspect.getmodule(cls).__doc__
+    return " ".join((doc or "").strip().split("\n\n")[0].split())
+
+
 def get_method(name: str) -> type[Method]:
     import sslcli.methods  # noqa: F401 - importing the package registers every method
 
@@ -77,10 +83,15 @@ def get_method(name: str) -> type[Method]:
     return METHODS[name]
 
 
+# Facts about the run, not recipe settings: a method asks for one by naming it in ``__init__``.
+RUNTIME_ARGS = ("num_samples",)  # training-set size, for memory banks with one row per image
+
+
 def hyperparameters(cls: type[Method]) -> dict[str, Any]:
     """The method's keyword hyper-parameters and their defaults (from ``__init__``)."""
     sig = inspect.signature(cls.__init__)
-    return {n: p.default for n, p in sig.parameters.items() if n not in ("self", "encoder")}
+    skip = ("self", "encoder", *RUNTIME_ARGS)
+    return {n: p.default for n, p in sig.parameters.items() if n not in skip}
 
 
 def check_method_args(name: str, method_args: dict[str, Any]) -> type[Method]:
@@ -96,5 +107,11 @@ def check_method_args(name: str, method_args: dict[str, Any]) -> type[Method]:
     return cls
 
 
-def build_method(name: str, encoder: Encoder, method_args: dict[str, Any]) -> Method:
-    return check_method_args(name, method_args)(encoder, **method_args)
+def build_method(name: str, encoder: Encoder, method_args: dict[str, Any], *, num_samples: int | None = None) -> Method:
+    """``name``'s method on ``encoder``; ``num_samples`` reaches methods whose ``__init__`` asks for it."""
+    cls = check_method_args(name, method_args)
+    runtime = {"num_samples": num_samples}
+    wanted = {k: v for k, v in runtime.items() if k in inspect.signature(cls.__init__).parameters}
+    if any(v is None for v in wanted.values()):
+        raise ValueError(f"method {name} needs {sorted(wanted)} to be built")
+    return cls(encoder, **method_args, **wanted)

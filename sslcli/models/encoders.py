@@ -88,6 +88,18 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
+    def freeze_patch_embed(self) -> None:
+        """Keeps the random-init patch projection fixed (MoCo v3, Sec. 4.2: stabilises ViT training).
+
+        Frozen parameters leave the optimiser, so they stay bit-identical through training.
+        """
+        patch_embed = getattr(self.model, "patch_embed", None)
+        if patch_embed is None:
+            raise UserError(f"--freeze-patch-embed needs a ViT-style backbone with a patch embedding; "
+                            f"'{self.spec.arch}' has none (try --arch vit_s16)")
+        for p in patch_embed.parameters():
+            p.requires_grad_(False)
+
     def forward_dense(self, x: torch.Tensor) -> torch.Tensor:
         """Unpooled features (``[B, C, H, W]`` for CNNs, ``[B, T, C]`` for ViTs)."""
         return self.model.forward_features(x)

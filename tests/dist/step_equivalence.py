@@ -1,10 +1,12 @@
-"""Runs one SimCLR step on a fixed global batch and saves the loss and gradients.
+"""Runs one training step of a method on a fixed global batch and saves the loss and gradients.
 
-Launched as a plain process (1 rank x B) or by torchrun (N ranks x B/N); the test compares
-the two.  BatchNorm runs in eval mode so that per-rank batch statistics (SyncBN has no CPU
-kernels) do not mask what is under test: the loss, the cross-rank gather and its gradient.
+Usage: ``step_equivalence.py METHOD METHOD_ARGS_JSON OUT``.  Launched as a plain process
+(1 rank x B) or by torchrun (N ranks x B/N); the test compares the two.  BatchNorm runs in
+eval mode so that per-rank batch statistics (SyncBN has no CPU kernels) do not mask what is
+under test: the loss, the cross-rank gathers and their gradients.
 """
 
+import json
 import sys
 from pathlib import Path
 
@@ -15,17 +17,18 @@ from sslcli.methods import build_method
 from sslcli.models.encoders import create_encoder
 
 
-def main(out: Path) -> None:
+def main(name: str, method_args: dict, out: Path) -> None:
     dist.init_from_env(torch.device("cpu"))
     torch.manual_seed(0)
-    method = build_method("simclr", create_encoder("resnet18"), {"temperature": 0.5, "proj_hidden": 64, "proj_dim": 16})
+    method = build_method(name, create_encoder("resnet18"), method_args, num_samples=64)
     method.eval()
     g = torch.Generator().manual_seed(1)
     x1, x2 = torch.randn(8, 3, 32, 32, generator=g), torch.randn(8, 3, 32, 32, generator=g)
     n = 8 // dist.world_size()
     lo = dist.rank() * n
+    batch = {"index": torch.arange(8)[lo:lo + n]}
     model = dist.wrap_ddp(method, torch.device("cpu"))
-    out_step = model([x1[lo:lo + n], x2[lo:lo + n]], {})
+    out_step = model([x1[lo:lo + n], x2[lo:lo + n]], batch)
     out_step.loss.backward()
     loss = dist.all_reduce_mean(out_step.loss.detach())
     grads = {k: p.grad.detach().clone() for k, p in method.named_parameters() if p.grad is not None}
@@ -35,4 +38,4 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3]))

@@ -1,13 +1,14 @@
-"""MoCo v2 (Chen et al., 2020, "Improved Baselines with Momentum Contrastive Learning").
+"""MoCo v1 (He et al., 2020, "Momentum Contrast for Unsupervised Visual Representation Learning")
+and MoCo v2 (Chen et al., 2020, "Improved Baselines with Momentum Contrastive Learning").
 
-MoCo v1 (He et al., 2020) with an MLP head, blur augmentation, a cosine lr and t = 0.2:
-
-    q = normalize(g_q(f_q(x_q)))              # query: backbone + 2-layer MLP head
+    q = normalize(g_q(f_q(x_q)))              # query: backbone + head
     k = normalize(g_k(f_k(x_k)))  no grad     # key encoder = EMA of the query encoder, Shuffling BN
     loss = InfoNCE(q, k, queue, t)            # positive k, negatives = the K queued keys
     enqueue(all_gather(k)); (f_k, g_k) <- m (f_k, g_k) + (1 - m) (f_q, g_q)
 
-The official v2 loss is one-directional; ``symmetric=True`` adds the swapped term.
+v1 has a linear head and t = 0.07; v2 a 2-layer MLP head (no BN), blur and t = 0.2.  Both are
+one-directional in the papers; ``symmetric=True`` adds the swapped term.  ``head_norm="bn"``
+puts BN in the head (MoCo v3's choice); the papers' heads have none.
 """
 
 from __future__ import annotations
@@ -29,15 +30,17 @@ from sslcli.models.heads import build_mlp
 
 
 @register_method("mocov2")
-class MoCoV2(Method):
-    def __init__(self, encoder: Encoder, dim: int = 128, mlp_hidden: int = 2048, queue_size: int = 65536,
-                 momentum: float = 0.999, momentum_end: float | None = None, temperature: float = 0.2,
-                 symmetric: bool = False, shuffle_splits: int = 4) -> None:
+class MoCo(Method):
+    """MoCo v2 (Chen et al., 2020): momentum key encoder, a queue of negatives, an MLP head."""
+
+    def __init__(self, encoder: Encoder, dim: int = 128, mlp_hidden: int = 2048, head_norm: str | None = None,
+                 queue_size: int = 65536, momentum: float = 0.999, momentum_end: float | None = None,
+                 temperature: float = 0.2, symmetric: bool = False, shuffle_splits: int = 4) -> None:
         super().__init__(encoder)
         self.temperature, self.symmetric, self.shuffle_splits = temperature, symmetric, shuffle_splits
         self.momentum, self.momentum_end = momentum, momentum if momentum_end is None else momentum_end
-        head = build_mlp(encoder.dim, [(mlp_hidden, None, "relu"), (dim, None, None)])
-        self.query = nn.Sequential(encoder, head)
+        hidden = [(mlp_hidden, head_norm, "relu")] if mlp_hidden else []
+        self.query = nn.Sequential(encoder, build_mlp(encoder.dim, [*hidden, (dim, head_norm, None)]))
         self.key = make_target(self.query)
         self.queue = FeatureQueue(queue_size, dim)
 
@@ -64,3 +67,14 @@ class MoCoV2(Method):
 
     def describe(self) -> dict[str, str]:
         return {"shuffle_bn": shuffle_bn.mode(self.shuffle_splits), "queue": str(self.queue.size)}
+
+
+@register_method("mocov1")
+class MoCoV1(MoCo):
+    """MoCo v1 (He et al., CVPR 2020): momentum key encoder, a queue of negatives, a linear head."""
+
+    def __init__(self, encoder: Encoder, dim: int = 128, mlp_hidden: int = 0, head_norm: str | None = None,
+                 queue_size: int = 65536, momentum: float = 0.999, momentum_end: float | None = None,
+                 temperature: float = 0.07, symmetric: bool = False, shuffle_splits: int = 4) -> None:
+        super().__init__(encoder, dim, mlp_hidden, head_norm, queue_size, momentum, momentum_end, temperature,
+                         symmetric, shuffle_splits)
