@@ -29,7 +29,8 @@ def test_update_momentum_zero_replaces_and_one_freezes() -> None:
     before = bank.memory.clone()
     f = torch.tensor([[3.0, 0.0, 4.0]])
     bank.update_(torch.tensor([1]), f, momentum=1.0)
-    assert torch.equal(bank.memory, before)
+    # Re-normalising an already unit row may move it by an ulp, hence allclose, not equal.
+    assert torch.allclose(bank.memory, before, atol=1e-6, rtol=0)
     bank.update_(torch.tensor([1]), f, momentum=0.0)
     assert torch.allclose(bank.memory[1], torch.tensor([0.6, 0.0, 0.8]))
     assert torch.equal(bank.memory[[0, 2, 3, 4, 5]], before[[0, 2, 3, 4, 5]])
