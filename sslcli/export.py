@@ -88,8 +88,12 @@ def state_to_tensor_dict(state: dict[str, torch.Tensor], prefix: str) -> dict[st
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def export_run(run: Path, out: Path, *, overwrite: bool = False) -> Path:
-    """Writes the backbone of a run's latest checkpoint (or of a checkpoint file) to ``out``."""
+def export_run(run: Path, out: Path, *, overwrite: bool = False, keep_proj_layers: int = 0) -> Path:
+    """Writes the backbone of a run's latest checkpoint (or of a checkpoint file) to ``out``.
+
+    ``keep_proj_layers > 0`` also writes the projector's first layers to :func:`projector_path`
+    (SimCLR v2's fine-tuning start), leaving ``out`` a plain timm backbone.
+    """
     from sslcli.config import PretrainConfig, from_dict
     from sslcli.engine import checkpoint
     from sslcli.models.encoders import resolve_arch
@@ -100,14 +104,96 @@ def export_run(run: Path, out: Path, *, overwrite: bool = False) -> Path:
     ckpt = run if run.is_file() else checkpoint.latest(run / "checkpoints")
     if ckpt is None:
         raise UserError(f"'{run}' has no checkpoints yet; train it with `sslcli pretrain ... --out {run}` first")
-    if out.exists() and not overwrite:
-        raise UserError(f"'{out}' already exists; pass --overwrite to replace it or choose another --out")
+    for path in [out, projector_path(out)] if keep_proj_layers else [out]:
+        if path.exists() and not overwrite:
+            raise UserError(f"'{path}' already exists; pass --overwrite to replace it or choose another --out")
+    # Checked first, so a bad --keep-proj-layers leaves no half-written export behind.
+    projector = run_projector(run, keep_proj_layers) if keep_proj_layers else None
     state = checkpoint.load(ckpt)
     cfg: PretrainConfig = from_dict(PretrainConfig, state["config"])
-    encoder = Encoder(resolve_arch(cfg.arch, img_size=cfg.augment.eval_size))
+    exported = state.get("export") or {}  # a backbone other than plain cfg.arch (CMC's L encoder)
+    spec = (EncoderSpec(**exported["spec"]) if "spec" in exported
+            else resolve_arch(cfg.arch, img_size=cfg.augment.eval_size))
+    encoder = Encoder(spec)
     weights = state_to_tensor_dict(state["model"], "backbone.model.")
     encoder.model.load_state_dict(weights, strict=True)
     meta = encoder_metadata(encoder, method=cfg.method, image_size=cfg.augment.eval_size, mean=cfg.augment.mean,
                             std=cfg.augment.std, epochs=int(state["epoch"]) + 1,
-                            eval_crop_pct=str(cfg.augment.eval_crop_pct), checkpoint=ckpt.name)
+                            eval_crop_pct=str(cfg.augment.eval_crop_pct), checkpoint=ckpt.name,
+                            proj_layers=str(keep_proj_layers))
+    if projector is not None:
+        save_projector(projector, encoder.dim, projector_path(out))
+    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in exported.get("metadata", {}).items()})
     return save_encoder(encoder, Path(out), meta)
+
+
+# SimCLR v2 fine-tunes from the projector's first layer.  The kept layers travel in a sidecar file
+# next to the encoder, so the encoder file itself still loads into timm with strict=True.
+PROJECTOR_FORMAT = "sslcli-projector/1"
+
+
+def projector_path(encoder_path: Path | str) -> Path:
+    """``encoder.safetensors`` -> ``encoder.proj.safetensors``."""
+    path = Path(encoder_path)
+    return path.with_name(f"{path.name.removesuffix('.safetensors')}.proj.safetensors")
+
+
+def kept_projector(head: torch.nn.Sequential, layers: int) -> torch.nn.Sequential:
+    """The first ``layers`` ``Linear(-Norm)(-Act)`` blocks of ``head``, as a flat Sequential (shared weights)."""
+    from sslcli.models.heads import head_blocks
+
+    blocks = head_blocks(head)
+    if not 1 <= layers <= len(blocks):
+        raise UserError(f"--keep-proj-layers {layers} does not fit a {len(blocks)}-layer projector; "
+                        f"choose 1..{len(blocks)}")
+    return torch.nn.Sequential(*[m for block in blocks[:layers] for m in block])
+
+
+def save_projector(head: torch.nn.Sequential, in_dim: int, path: Path) -> Path:
+    """Writes ``head`` with its layer list in the header, so :func:`load_projector` rebuilds it by data."""
+    from sslcli.models.heads import describe_layers
+
+    meta = {"format": PROJECTOR_FORMAT, "in_dim": str(in_dim), "layers": json.dumps(describe_layers(head))}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return path
+
+
+def load_projector(path: Path) -> torch.nn.Sequential:
+    """The projector layers saved by :func:`save_projector`."""
+    from sslcli.models.heads import build_mlp
+
+    try:
+        with safe_open(str(path), "pt") as fh:
+            meta = fh.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(f"'{path}' is not a readable safetensors file ({err})") from None
+    if meta.get("format") != PROJECTOR_FORMAT:
+        raise UserError(f"'{path}' is not an sslcli projector file; export it with `sslcli export RUN --keep-proj-layers N`")
+    head = build_mlp(int(meta["in_dim"]), [tuple(layer) for layer in json.loads(meta["layers"])])
+    head.load_state_dict(load_file(str(path)), strict=True)
+    return head
+
+
+def run_projector(run: Path, layers: int) -> torch.nn.Sequential:
+    """The first ``layers`` blocks of the projector of a run's latest checkpoint (or of a .pt checkpoint)."""
+    from sslcli.config import PretrainConfig, from_dict
+    from sslcli.engine import checkpoint
+    from sslcli.methods import build_method
+    from sslcli.models.encoders import resolve_arch
+
+    ckpt = run if run.is_file() else checkpoint.latest(run / "checkpoints")
+    if ckpt is None:
+        raise UserError(f"'{run}' has no checkpoints to take a projector from; train it with `sslcli pretrain` first")
+    state = checkpoint.load(ckpt)
+    cfg: PretrainConfig = from_dict(PretrainConfig, state["config"])
+    encoder = Encoder(resolve_arch(cfg.arch, img_size=cfg.augment.eval_size))
+    method = build_method(cfg.method, encoder, cfg.method_args, num_samples=1)
+    head = getattr(method, "projector", None)
+    if not isinstance(head, torch.nn.Sequential):
+        raise UserError(f"method {cfg.method} has no projector to keep; drop --keep-proj-layers "
+                        "(SimCLR and SimCLR v2 have one)")
+    head.load_state_dict(state_to_tensor_dict(state["model"], "projector."), strict=True)
+    return kept_projector(head, layers)

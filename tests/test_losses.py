@@ -91,3 +91,41 @@ def test_in_batch_contrastive_on_a_rank_slice_equals_full_batch_rows() -> None:
     full = in_batch_contrastive(q, k, 0.5)
     halves = [in_batch_contrastive(q[r * 4:(r + 1) * 4], k, 0.5, offset=r * 4) for r in range(2)]
     assert torch.allclose(full, sum(halves) / 2, atol=1e-6)
+
+
+def test_nt_xent_with_memory_negatives_matches_reference() -> None:
+    """SimCLR v2's memory: the K buffered keys join every anchor's denominator, and nothing else changes."""
+    g = torch.Generator().manual_seed(5)
+    z1, z2, memory = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g), torch.randn(7, 6, generator=g)
+    t = 0.2
+    z = torch.cat([z1, z2]).double()
+    total = 0.0
+    for i in range(8):
+        pos = (i + 4) % 8
+        denom = sum(math.exp(_cos(z[i], z[j]) / t) for j in range(8) if j != i)
+        denom += sum(math.exp(_cos(z[i], m.double()) / t) for m in memory)
+        total += -math.log(math.exp(_cos(z[i], z[pos]) / t) / denom)
+    assert math.isclose(float(nt_xent(z1, z2, t, negatives=memory)), total / 8, rel_tol=1e-5)
+    assert float(nt_xent(z1, z2, t, negatives=memory)) > float(nt_xent(z1, z2, t))
+
+
+def test_distillation_loss_matches_formula() -> None:
+    """-sum_y P_T(y|x; t) log P_S(y|x; t), averaged over the batch, no gradient into the teacher."""
+    from sslcli.losses import distillation_loss
+
+    g = torch.Generator().manual_seed(2)
+    student = torch.randn(3, 5, generator=g, requires_grad=True)
+    teacher = torch.randn(3, 5, generator=g, requires_grad=True)
+    for t in (1.0, 2.0):
+        expected = 0.0
+        for s_row, t_row in zip(student.double(), teacher.double()):
+            p_t = [math.exp(v / t) for v in t_row.tolist()]
+            p_s = [math.exp(v / t) for v in s_row.tolist()]
+            expected -= sum(pt / sum(p_t) * math.log(ps / sum(p_s)) for pt, ps in zip(p_t, p_s))
+        assert math.isclose(distillation_loss(student, teacher, t).item(), expected / 3, rel_tol=1e-5)
+    distillation_loss(student, teacher).backward()
+    assert student.grad is not None and teacher.grad is None
+    # Its minimum over students is the teacher's own distribution: the gradient vanishes there.
+    same = teacher.detach().clone().requires_grad_(True)
+    distillation_loss(same, teacher).backward()
+    assert same.grad.abs().max() < 1e-6

@@ -32,11 +32,12 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from sslcli.cli import data, evaluate, export, pretrain
+    from sslcli.cli import data, evaluate, export, finetune, pretrain
 
     app.add_typer(data.app, name="data", help="Generate the embedded dataset and convert images to shards.")
     pretrain.register(app)
     evaluate.register(app)
+    finetune.register(app)
     export.register(app)
 
 

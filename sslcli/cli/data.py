@@ -74,6 +74,24 @@ def shards(
         console.print(f"[yellow]skipped {index['skipped']} file(s) that do not decode as images[/]")
 
 
+@app.command("subset")
+def subset(
+    data: Annotated[str, typer.Argument(help="Labelled shard directory or image folder.")],
+    out: Annotated[Path, typer.Argument(help="Directory to write the subset dataset into.")],
+    fraction: Annotated[float, typer.Option(help="Fraction of each class to keep (0.01 = the 1% protocol).")],
+    seed: Annotated[int, typer.Option(help="Seed of the per-class draw; same seed, same subset.")] = 0,
+    split: Annotated[str, typer.Option(help="Split to subsample; the other splits are linked unchanged.")] = "train",
+    shard_size: Annotated[int, typer.Option(help="Images per tar shard.")] = 2000,
+    overwrite: Annotated[bool, typer.Option(help="Replace a dataset already in OUT.")] = False,
+) -> None:
+    """Write a class-balanced, seeded label subset of a split (semi-supervised 1% / 10%)."""
+    from sslcli.data.subset import write_label_subset
+
+    index = write_label_subset(data, out, fraction=fraction, seed=seed, split=split, shard_size=shard_size,
+                               overwrite=overwrite)
+    Console().print(f"[bold green]wrote[/] {out}: {_split_summary(index)} ({fraction:g} of '{split}', seed {seed})")
+
+
 @app.command("info")
 def info(
     path: Annotated[str, typer.Argument(help="Shard directory, brace pattern, .tar file or image folder.")],

@@ -49,6 +49,7 @@ def nt_xent(
     keys1: torch.Tensor | None = None,
     keys2: torch.Tensor | None = None,
     offset: int = 0,
+    negatives: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SimCLR's normalized temperature-scaled cross-entropy (Chen et al., 2020, Eq. 1).
 
@@ -59,7 +60,8 @@ def nt_xent(
     Shapes: ``z1``, ``z2`` ``[n, D]`` are this rank's two views.  ``keys1``, ``keys2``
     ``[N, D]`` are the whole global batch (default: ``z1``, ``z2``, i.e. one process); the
     local rows sit at ``offset : offset + n`` in them.  Passing keys gathered with gradient
-    gives every anchor the 2(N-1) negatives of the global batch.
+    gives every anchor the 2(N-1) negatives of the global batch.  ``negatives`` ``[K, D]``
+    (SimCLR v2's MoCo-style memory) join every anchor's denominator as K more negatives.
     """
     keys1 = z1 if keys1 is None else keys1
     keys2 = z2 if keys2 is None else keys2
@@ -74,4 +76,7 @@ def nt_xent(
     logits = logits.masked_fill(
         torch.zeros_like(logits, dtype=torch.bool).index_put_((rows, self_idx), torch.tensor(True)), float("-inf")
     )
+    if negatives is not None:
+        memory = F.normalize(negatives.float(), dim=1)
+        logits = torch.cat([logits, anchors @ memory.T / temperature], dim=1)  # [2n, 2N + K]
     return F.cross_entropy(logits, pos_idx)

@@ -44,3 +44,34 @@ def mlp_layers(hidden: int, out: int, depth: int, norm: str | None = "bn", act: 
                last_norm: str | None = None) -> list[Layer]:
     """The common ``depth``-layer layout: ``depth - 1`` hidden blocks then the output layer."""
     return [(hidden, norm, act)] * (depth - 1) + [(out, last_norm, None)]
+
+
+def head_blocks(head: nn.Sequential) -> list[nn.Sequential]:
+    """``head`` split into its ``Linear(-Norm)(-Act)`` blocks, the units of :func:`build_mlp`."""
+    blocks: list[list[nn.Module]] = []
+    for module in head:
+        if isinstance(module, nn.Linear):
+            blocks.append([])
+        elif not blocks:
+            raise ValueError(f"a head must start with a Linear layer, not {type(module).__name__}")
+        blocks[-1].append(module)
+    return [nn.Sequential(*block) for block in blocks]
+
+
+def describe_layers(head: nn.Sequential) -> list[Layer]:
+    """The layer list that :func:`build_mlp` turns back into ``head`` (same keys, same shapes)."""
+    norm_names = {nn.BatchNorm1d: "bn", nn.LayerNorm: "ln"}
+    act_names = {nn.ReLU: "relu", nn.GELU: "gelu"}
+    layers: list[Layer] = []
+    for block in head_blocks(head):
+        linear, norm, act = block[0], None, None
+        for module in list(block)[1:]:
+            if type(module) in norm_names:
+                affine = getattr(module, "affine", getattr(module, "elementwise_affine", True))
+                norm = norm_names[type(module)] if affine else "bn_noaffine"
+            elif type(module) in act_names:
+                act = act_names[type(module)]
+            else:
+                raise ValueError(f"cannot describe a {type(module).__name__} in a head")
+        layers.append((linear.out_features, norm, act))
+    return layers

@@ -1,0 +1,106 @@
+"""Class-balanced label subsets (the 1% / 10% semi-supervised protocol of SimCLR v2 and others).
+
+``write_label_subset`` copies a seeded, class-balanced fraction of one split into a new shard
+dataset and links the other splits unchanged, so fine-tuning on "1% of the labels" is an ordinary
+``--data`` directory that can be kept, shared and reused.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from sslcli.data.formats import iter_tar_samples
+from sslcli.data.reader import DataSource, read_index, resolve_source
+from sslcli.data.shards import ShardWriter, prepare_output, sample_fields, sample_key, write_index
+from sslcli.errors import UserError
+
+
+def balanced_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Sorted positions of ``round(fraction * n_c)`` (at least 1) samples of each class ``c``.
+
+    Each class draws from its own seeded permutation, so the subset is reproducible and a smaller
+    fraction with the same seed is a subset of a larger one.
+    """
+    if not 0 < fraction <= 1:
+        raise UserError(f"--fraction must be in (0, 1], got {fraction}; e.g. 0.01 for 1% of the labels")
+    labels = np.asarray(labels)
+    if labels.size == 0 or (labels < 0).any():
+        raise UserError("a class-balanced subset needs labels on every sample; this split is (partly) unlabelled")
+    chosen = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        order = np.random.default_rng([seed, int(c)]).permutation(members.size)
+        take = max(1, round(fraction * members.size))
+        chosen.append(members[order[:take]])
+    return np.sort(np.concatenate(chosen))
+
+
+def _samples(source: DataSource) -> Iterator[tuple[int, dict[str, bytes]]]:
+    """(label, fields) of every sample of ``source`` in stream order."""
+    if source.kind == "folder":
+        assert source.labels is not None
+        for url, label in zip(source.urls, source.labels, strict=True):
+            path = Path(url)
+            yield label, {path.suffix.lstrip(".").lower(): path.read_bytes(), "cls": str(label).encode()}
+        return
+    for url in source.urls:
+        for _, fields in iter_tar_samples(Path(url)):
+            label = fields.get("cls", b"-1").decode().strip()
+            yield int(label) if label.lstrip("-").isdigit() else -1, fields
+
+
+def _link(src: Path, dst: Path) -> None:
+    """A hard link where the filesystem allows one (no extra disk), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def write_label_subset(data: str | Path, out: Path, *, fraction: float, seed: int = 0, split: str = "train",
+                       shard_size: int = 2000, overwrite: bool = False) -> dict:
+    """Writes ``out`` holding a class-balanced ``fraction`` of ``data``'s ``split``; returns its index.
+
+    Samples keep every field (image, ``cls``, ``txt``) and get new consecutive ``idx`` values; the
+    original index is kept as ``src_idx``.  The dataset's other splits are linked into ``out``.
+    """
+    source = resolve_source(data, split)
+    labels = np.array([label for label, _ in _samples_labels_only(source)])
+    keep = set(balanced_subset(labels, fraction, seed).tolist())
+    index = read_index(Path(data)) if Path(data, "index.json").is_file() else {"classes": source.classes, "splits": {}}
+    others = {name: entry for name, entry in index["splits"].items() if name != split}
+    prepare_output(out, overwrite=overwrite, splits=[split, *others])
+    splits: dict[str, dict] = {}
+    with ShardWriter(out, split, shard_size) as writer:
+        position = 0
+        for i, (label, fields) in enumerate(_samples(source)):
+            if i not in keep:
+                continue
+            image_ext = next(ext for ext in fields if ext not in ("cls", "txt", "idx", "src_idx"))
+            caption = fields["txt"].decode() if "txt" in fields else None
+            new = sample_fields(fields[image_ext], image_ext, index=position, label=label, caption=caption)
+            writer.write(sample_key(split, position), {**new, "src_idx": fields.get("idx", str(i).encode())})
+            position += 1
+        splits[split] = writer.close()
+    for name, entry in others.items():
+        for shard in entry["shards"]:
+            _link(Path(data) / shard, out / shard)
+        splits[name] = entry
+    return write_index(out, classes=index.get("classes"), splits=splits, source=str(data), subset_of=split,
+                       fraction=fraction, seed=seed, image_size=index.get("image_size"))
+
+
+def _samples_labels_only(source: DataSource) -> Iterator[tuple[int, None]]:
+    """(label, None) per sample: the first pass only needs labels."""
+    if source.kind == "folder":
+        if source.labels is None:
+            raise UserError(f"'{source.spec}' has no class subfolders, so it has no labels to subset")
+        yield from ((label, None) for label in source.labels)
+        return
+    for label, _ in _samples(source):
+        yield label, None
