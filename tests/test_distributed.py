@@ -34,6 +34,7 @@ EQUIVALENT_STEPS = {
     "simclr": {"temperature": 0.5, "proj_hidden": 64, "proj_dim": 16},
     "mocov3": {"temperature": 0.2, "mlp_hidden": 64, "dim": 16},
     "invaspread": {"temperature": 0.1, "dim": 16},
+    "simclrv2": {"temperature": 0.2, "proj_hidden": 64, "proj_dim": 16, "memory_size": 32},
 }
 
 
@@ -50,6 +51,10 @@ def test_two_ranks_equal_one_rank(name: str, tmp_path: Path) -> None:
     assert a["grads"].keys() == b["grads"].keys() and len(a["grads"]) > 10
     for key in a["grads"]:
         assert torch.allclose(a["grads"][key], b["grads"][key], rtol=1e-4, atol=1e-6), key
+    # Queues and banks are updated with the global batch, so every buffer matches too.
+    assert a["buffers"].keys() == b["buffers"].keys()
+    for key in a["buffers"]:
+        assert torch.allclose(a["buffers"][key].float(), b["buffers"][key].float(), atol=1e-5), key
 
 
 def test_shuffle_bn_across_two_ranks(tmp_path: Path) -> None:

@@ -49,8 +49,9 @@ class SimCLRV2(SimCLR):
                        offset=dist.rank() * z1.shape[0], negatives=negatives)
         if self.memory is not None:
             with torch.no_grad():
-                keys = F.normalize(self.memory_net(torch.cat([x1, x2])).float(), dim=1)
-            self.memory.enqueue(dist.gather_no_grad(keys))
+                k1, k2 = F.normalize(self.memory_net(torch.cat([x1, x2])).float(), dim=1).chunk(2)
+            # View by view, so the queue's order does not depend on how the batch is split across ranks.
+            self.memory.enqueue(torch.cat([dist.gather_no_grad(k1), dist.gather_no_grad(k2)]))
         return StepOutput(loss, {"z_std": collapse_std(z1)})
 
     def after_step(self, progress: float) -> None:

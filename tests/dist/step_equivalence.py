@@ -32,8 +32,9 @@ def main(name: str, method_args: dict, out: Path) -> None:
     out_step.loss.backward()
     loss = dist.all_reduce_mean(out_step.loss.detach())
     grads = {k: p.grad.detach().clone() for k, p in method.named_parameters() if p.grad is not None}
+    buffers = {k: b.detach().clone() for k, b in method.named_buffers()}  # queues and banks after the update
     if dist.is_main():
-        torch.save({"loss": loss, "grads": grads, "world": dist.world_size()}, out)
+        torch.save({"loss": loss, "grads": grads, "buffers": buffers, "world": dist.world_size()}, out)
     dist.shutdown()
 
 
