@@ -76,6 +76,9 @@ def finetune(source: str, data: str, out: Path, *, settings: TrainSettings, keep
     train = resolve_source(data, train_split)
     resolve_source(data, test_split)  # fail on a missing test split before training
     encoder, enc_info = resolve_encoder(source, arch=None, random_init=False, image_size=None)
+    if enc_info.input_space != "rgb":  # the train augmentation produces RGB tensors
+        raise UserError(f"'{source}' takes '{enc_info.input_space}' input, and fine-tuning supports RGB encoders "
+                        "only; evaluate it with `sslcli knn` or `sslcli linear-probe`")
     projector = _projector(source, enc_info.path, enc_info.run_dir, keep_proj_layers)
     if not train.classes:
         raise UserError(f"'{data}' has no class names; fine-tuning needs a labelled dataset")

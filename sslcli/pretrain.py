@@ -10,6 +10,7 @@ the one training loop in :mod:`sslcli.engine.train`.  Usable from Python::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
@@ -86,7 +87,7 @@ def pretrain(cfg: PretrainConfig, out: Path, *, device: str = "auto", resume: bo
     if cfg.freeze_patch_embed:
         encoder.freeze_patch_embed()
     # channels_last: measured ~15% faster for ResNets on CPU too; a no-op for linear layers.
-    method = build_method(cfg.method, encoder, cfg.method_args, num_samples=source.num_samples)
+    method = build_method(cfg.method, encoder, cfg.method_args, num_samples=source.num_samples, augment=cfg.augment)
     method = method.to(dev, memory_format=torch.channels_last)
     if cfg.sync_bn and dev.type == "cuda":  # SyncBN's kernels exist for CUDA only
         method = dist.convert_sync_batchnorm(method)
@@ -119,9 +120,12 @@ def pretrain(cfg: PretrainConfig, out: Path, *, device: str = "auto", resume: bo
     for key, value in method.describe().items():
         info(f"  {key}: {value}")
 
-    views = MultiView(cfg.augment)
+    views = MultiView(cfg.augment, method.extra_fields())
     meta = dict(method=cfg.method, image_size=cfg.augment.eval_size, mean=cfg.augment.mean, std=cfg.augment.std,
                 eval_crop_pct=str(cfg.augment.eval_crop_pct))
+    meta.update(method.export_metadata())
+    # What `sslcli export` needs to rebuild a backbone that is not plain `cfg.arch` (CMC's 1-channel L encoder).
+    export_info = {"spec": dataclasses.asdict(method.backbone.spec), "metadata": method.export_metadata()}
 
     def loader_for_epoch(epoch: int):  # noqa: ANN202 - an iterable of batch dicts
         return build_loader(source, views, batch_size=local_batch, shuffle=True, seed=cfg.seed, epoch=epoch,
@@ -132,7 +136,7 @@ def pretrain(cfg: PretrainConfig, out: Path, *, device: str = "auto", resume: bo
         rng = list(dist.gather_no_grad(torch.get_rng_state()[None]).unbind(0))
         if dist.is_main():
             state = {"model": method.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                     "epoch": epoch, "rng": rng, "config": to_dict(cfg)}
+                     "epoch": epoch, "rng": rng, "config": to_dict(cfg), "export": export_info}
             checkpoint.save_and_prune(state, out / "checkpoints", epoch, cfg.keep_checkpoints)
             save_encoder(method.backbone, out / "encoder.safetensors", encoder_metadata(
                 method.backbone, epochs=epoch + 1, **meta))

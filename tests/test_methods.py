@@ -35,8 +35,9 @@ def test_method_trains_and_exports(name: str, synth_data: Path, tmp_path: Path) 
         meta = fh.metadata()
     model = timm.create_model(meta["timm_name"], pretrained=False, num_classes=0, **json.loads(meta["timm_kwargs"]))
     model.load_state_dict(load_file(str(path)), strict=True)
-    torch.manual_seed(cfg.seed)
-    init = create_encoder(cfg.arch).model.state_dict()
+    torch.manual_seed(cfg.seed)  # a fresh init of the exported architecture (CPC swaps BatchNorm for layer norm)
+    init = timm.create_model(meta["timm_name"], pretrained=False, num_classes=0,
+                             **json.loads(meta["timm_kwargs"])).state_dict()
     moved = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.equal(v, init[k])]
     assert len(moved) > len(init) // 2, "training did not change the backbone"
     assert meta["method"] == name and meta["image_size"] == "32"

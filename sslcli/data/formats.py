@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from sslcli.errors import UserError
@@ -154,6 +155,34 @@ def decode_rgb(data: bytes) -> Image.Image | None:
     # any of them just means "this file is not a usable image".
     except Exception:  # noqa: BLE001
         return None
+
+
+def decode_field(data: bytes, channels: int) -> np.ndarray | None:
+    """Decodes an extra image field (a ``depth.png``, ``normals.png``, ...) to float32 ``[H, W, C]`` in ``[0, 1]``.
+
+    ``channels`` 1 keeps one band: 8-bit images are divided by 255, 16-bit ones (depth PNGs) by
+    65535, float (``F``) images are kept as they are; a colour image is reduced to its luminance.
+    ``channels`` 3 decodes as RGB (as :func:`decode_rgb`).  None when the bytes are not an image.
+    """
+    if channels not in (1, 3):
+        raise ValueError(f"extra fields have 1 or 3 channels, not {channels}")
+    if channels == 3:
+        image = decode_rgb(data)
+        return None if image is None else np.asarray(image, dtype=np.float32) / 255.0
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            image = Image.open(io.BytesIO(data))
+            image.load()
+            if image.mode.startswith("I"):  # I;16, I;16B, I: 16-bit (or wider) integers
+                array = np.asarray(image, dtype=np.float32) / 65535.0
+            elif image.mode == "F":
+                array = np.asarray(image, dtype=np.float32)
+            else:
+                array = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    except Exception:  # noqa: BLE001 - as in decode_rgb: any decoder failure means "not an image"
+        return None
+    return array[:, :, None]
 
 
 def _visible(entry: os.DirEntry[str]) -> bool:

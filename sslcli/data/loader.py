@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from sslcli.data.formats import count_tar_samples, decode_rgb, image_field, iter_tar_samples
+from sslcli.data.formats import count_tar_samples, decode_field, decode_rgb, image_field, iter_tar_samples
 from sslcli.errors import UserError
 
 if TYPE_CHECKING:
@@ -43,6 +43,7 @@ class _Record(NamedTuple):
     text: str
     image: bytes | str  # image bytes from a shard, or a file path for folders
     origin: str  # "shard.tar:key" or the file path, for skip reports
+    extras: dict[str, bytes] | None = None  # the transform's extra fields (e.g. depth.png), shards only
 
 
 @dataclass
@@ -111,6 +112,12 @@ class _BatchStream(IterableDataset):
     ) -> None:
         self.source = source
         self.transform = transform
+        # A transform with ``extra_fields`` (field -> channels, e.g. MultiView's) is called as
+        # transform(image, {field: [C, H, W] tensor in [0, 1]}); shards must carry those fields.
+        self.extra_fields: dict[str, int] = dict(getattr(transform, "extra_fields", None) or {})
+        if self.extra_fields and source.kind != "shards":
+            raise UserError(f"extra views ({', '.join(self.extra_fields)}) are read from shard fields, but "
+                            f"'{source.spec}' is an image folder; write shards whose samples carry them")
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed % 2**63  # numpy seed sequences take non-negative integers only
@@ -144,7 +151,14 @@ class _BatchStream(IterableDataset):
                 label = _parse_int(fields, "cls", origin)
                 text = fields.get("txt", b"").decode("utf-8", errors="replace")
                 image = fields[image_field(fields) or ""]
-                yield _Record(index, -1 if label is None else label, text, image, origin)
+                extras = None
+                if self.extra_fields:
+                    missing = [name for name in self.extra_fields if name not in fields]
+                    if missing:
+                        raise UserError(f"sample '{origin}' has no '{missing[0]}' field, which the method takes as "
+                                        f"an extra view; every sample needs {', '.join(self.extra_fields)}")
+                    extras = {name: fields[name] for name in self.extra_fields}
+                yield _Record(index, -1 if label is None else label, text, image, origin, extras)
 
     def _records(self) -> Iterator[_Record]:
         """The global stream every rank and worker agrees on for this epoch."""
@@ -159,14 +173,24 @@ class _BatchStream(IterableDataset):
         records = self._shard_records(order)
         yield from _shuffled(records, self._rng(1), SHUFFLE_BUFFER) if self.shuffle else records
 
-    def _load(self, record: _Record) -> Image.Image | None:
-        """The record's image as RGB, or None when it does not decode."""
+    def _load(self, record: _Record) -> tuple[Any, ...] | None:
+        """The transform's inputs: ``(RGB image,)`` or ``(RGB image, extras)``; None when any does not decode."""
         if isinstance(record.image, bytes):
-            return decode_rgb(record.image)
-        try:
-            return decode_rgb(Path(record.image).read_bytes())
-        except OSError:  # a file deleted or unreadable since listing counts as undecodable
-            return None
+            image = decode_rgb(record.image)
+        else:
+            try:
+                image = decode_rgb(Path(record.image).read_bytes())
+            except OSError:  # a file deleted or unreadable since listing counts as undecodable
+                image = None
+        if image is None or not self.extra_fields:
+            return None if image is None else (image,)
+        extras = {}
+        for name, channels in self.extra_fields.items():
+            array = decode_field((record.extras or {})[name], channels)
+            if array is None:
+                return None
+            extras[name] = torch.from_numpy(array).permute(2, 0, 1).contiguous()
+        return image, extras
 
     def _batches(self) -> Iterator[tuple[dict[str, Any], list[str]]]:
         """This consumer's batches, each with the origins of the images replaced in it."""
@@ -179,7 +203,7 @@ class _BatchStream(IterableDataset):
         outputs: list[Any] = []
         records: list[_Record] = []
         skipped: list[str] = []
-        last_good: tuple[Image.Image, _Record] | None = None
+        last_good: tuple[tuple[Any, ...], _Record] | None = None
         waiting = 0  # failures seen before any good image: they take the next good one
         if not pending_sizes:
             return
@@ -189,17 +213,17 @@ class _BatchStream(IterableDataset):
             batch = (position // self.world_size) // self.batch_size
             if batch % workers != worker:
                 continue
-            image = self._load(record)
-            if image is None:
+            inputs = self._load(record)
+            if inputs is None:
                 skipped.append(record.origin)
                 if last_good is None:
                     waiting += 1
                     continue
-                image, record = last_good
+                inputs, record = last_good
             else:
-                last_good = (image, record)
+                last_good = (inputs, record)
             for _ in range(waiting + 1):
-                outputs.append(self.transform(image))
+                outputs.append(self.transform(*inputs))
                 records.append(record)
             waiting = 0
             while pending_sizes and len(outputs) >= pending_sizes[0]:

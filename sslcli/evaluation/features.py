@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from sslcli.augment import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from sslcli.colorspace import INPUT_SPACES
 from sslcli.data.reader import DataSource, build_loader
 from sslcli.errors import UserError
 from sslcli.export import load_encoder, read_metadata
@@ -69,10 +70,11 @@ class EncoderInfo:
     path: str | None = None
     run_dir: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    input_space: str = "rgb"  # what the encoder takes (sslcli.colorspace), e.g. lab_l for CMC
 
     def transform(self) -> Callable[[Any], torch.Tensor]:
-        """The deterministic evaluation transform (resize, centre crop, normalise)."""
-        return eval_transform(self.image_size, self.crop_pct, self.mean, self.std)
+        """The deterministic evaluation transform (resize, centre crop, colour space, normalise)."""
+        return eval_transform(self.image_size, self.crop_pct, self.mean, self.std, self.input_space)
 
 
 @dataclass(frozen=True)
@@ -183,14 +185,18 @@ def resolve_encoder(
     mean = tuple(json.loads(metadata["mean"])) if "mean" in metadata else IMAGENET_MEAN
     std = tuple(json.loads(metadata["std"])) if "std" in metadata else IMAGENET_STD
     crop = crop_pct if crop_pct is not None else float(metadata.get("eval_crop_pct", DEFAULT_CROP_PCT))
+    input_space = metadata.get("input_space", "rgb")
+    if input_space not in INPUT_SPACES:
+        raise UserError(f"'{weights}' expects input space '{input_space}', unknown to this sslcli; upgrade sslcli")
     describe = functools.partial(
-        EncoderInfo, image_size=size, mean=mean, std=std, crop_pct=crop, metadata=metadata,
+        EncoderInfo, image_size=size, mean=mean, std=std, crop_pct=crop, metadata=metadata, input_space=input_space,
         path=None if weights is None else str(weights), run_dir=None if run_dir is None else str(run_dir),
     )
     origin = f" with the preprocessing of {source}" if source is not None else ""
 
     if raw_pixels:
-        return PixelEncoder(size), describe(name=f"raw pixels ({size} px){origin}", kind="raw_pixels", arch="raw_pixels")
+        pixels = PixelEncoder(size, channels=len(mean))
+        return pixels, describe(name=f"raw pixels ({size} px){origin}", kind="raw_pixels", arch="raw_pixels")
     if random_init:
         name = arch or metadata["arch"]
         encoder = _seeded_encoder(name, size, seed, metadata)

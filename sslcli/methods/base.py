@@ -52,6 +52,16 @@ class Method(nn.Module, abc.ABC):
         """Run-time facts worth logging once (e.g. which Shuffle-BN mode is active)."""
         return {}
 
+    def extra_fields(self) -> dict[str, int]:
+        """Sample fields beyond the image (e.g. ``{"depth.png": 1}``, field -> channels) that the
+        loader crops and flips with the image and appends to ``views`` (see ``augment.MultiView``)."""
+        return {}
+
+    def export_metadata(self) -> dict[str, Any]:
+        """Entries overriding the recipe's in the exported backbone's metadata, for a backbone that
+        does not take the normalised RGB image (CMC: ``input_space`` ``lab_l`` and its mean/std)."""
+        return {}
+
 
 METHODS: dict[str, type[Method]] = {}
 M = TypeVar("M", bound=type[Method])
@@ -84,7 +94,9 @@ def get_method(name: str) -> type[Method]:
 
 
 # Facts about the run, not recipe settings: a method asks for one by naming it in ``__init__``.
-RUNTIME_ARGS = ("num_samples",)  # training-set size, for memory banks with one row per image
+# num_samples: training-set size, for memory banks with one row per image; augment: the run's
+# AugmentConfig, for a method that works on the views' pixels (CMC un-normalises them to Lab).
+RUNTIME_ARGS = ("num_samples", "augment")
 
 
 def hyperparameters(cls: type[Method]) -> dict[str, Any]:
@@ -107,11 +119,17 @@ def check_method_args(name: str, method_args: dict[str, Any]) -> type[Method]:
     return cls
 
 
-def build_method(name: str, encoder: Encoder, method_args: dict[str, Any], *, num_samples: int | None = None) -> Method:
-    """``name``'s method on ``encoder``; ``num_samples`` reaches methods whose ``__init__`` asks for it."""
+def build_method(name: str, encoder: Encoder, method_args: dict[str, Any], *, num_samples: int | None = None,
+                 augment: Any = None) -> Method:
+    """``name``'s method on ``encoder``; runtime facts reach methods whose ``__init__`` asks for them.
+
+    A runtime argument the method declares without a default must be given (not None).
+    """
     cls = check_method_args(name, method_args)
-    runtime = {"num_samples": num_samples}
-    wanted = {k: v for k, v in runtime.items() if k in inspect.signature(cls.__init__).parameters}
-    if any(v is None for v in wanted.values()):
-        raise ValueError(f"method {name} needs {sorted(wanted)} to be built")
-    return cls(encoder, **method_args, **wanted)
+    runtime = {"num_samples": num_samples, "augment": augment}
+    params = inspect.signature(cls.__init__).parameters
+    wanted = {k: v for k, v in runtime.items() if k in params}
+    required = [k for k, v in wanted.items() if v is None and params[k].default is inspect.Parameter.empty]
+    if required:
+        raise ValueError(f"method {name} needs {sorted(required)} to be built")
+    return cls(encoder, **method_args, **{k: v for k, v in wanted.items() if v is not None})
