@@ -37,9 +37,9 @@ def measure(name: str, data: str, steps: int, warmup: int = 3) -> dict:
     method = build_method(name, create_encoder(cfg.arch, cfg.augment.eval_size), cfg.method_args, num_samples=10_000)
     method = method.to(memory_format=torch.channels_last).train()
     optimizer = build_optimizer(method.param_groups(), cfg.optim, cfg.optim.scaled_lr(cfg.batch_size))
-    bs, size = cfg.batch_size, cfg.augment.eval_size
+    bs, sizes = cfg.batch_size, [v.size for v in cfg.augment.views for _ in range(v.count)]
 
-    views = [torch.randn(bs, 3, size, size).to(memory_format=torch.channels_last) for _ in range(cfg.augment.num_views)]
+    views = [torch.randn(bs, 3, s, s).to(memory_format=torch.channels_last) for s in sizes]
     for i in range(warmup + steps):
         if i == warmup:
             start = time.perf_counter()
@@ -64,7 +64,7 @@ def measure(name: str, data: str, steps: int, warmup: int = 3) -> dict:
         if i == warmup + steps - 1:
             break
     e2e_ips = seen / (time.perf_counter() - start)
-    return {"method": name, "arch": cfg.arch, "batch_size": bs, "image_size": size, "views": cfg.augment.num_views,
+    return {"method": name, "arch": cfg.arch, "batch_size": bs, "image_size": sizes[0], "views": len(sizes),
             "num_workers": cfg.num_workers, "model_img_per_s": round(model_ips, 1),
             "data_img_per_s": round(data_ips, 1), "end_to_end_img_per_s": round(e2e_ips, 1)}
 

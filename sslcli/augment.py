@@ -44,6 +44,8 @@ class AugmentConfig:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     eval_crop_pct: float = 0.875
+    # None: the first view's size. A method trained on parts of its crops (CPC's patches) may set another.
+    eval_image_size: int | None = None
 
     @property
     def num_views(self) -> int:
@@ -51,8 +53,8 @@ class AugmentConfig:
 
     @property
     def eval_size(self) -> int:
-        """Evaluation resolution: the first (global) view's size."""
-        return self.views[0].size
+        """Evaluation resolution: ``eval_image_size``, else the first (global) view's size."""
+        return self.eval_image_size or self.views[0].size
 
 
 def _to_tensor(mean: Sequence[float], std: Sequence[float]) -> list[T.Transform]:

@@ -85,3 +85,14 @@ class ToInputSpace:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.space!r})"
+
+
+def normalised_rgb_to_lab(x: torch.Tensor, rgb_mean: torch.Tensor, rgb_std: torch.Tensor, lab_mean: torch.Tensor,
+                          lab_std: torch.Tensor) -> torch.Tensor:
+    """Normalised Lab ``(Lab(x * rgb_std + rgb_mean) - lab_mean) / lab_std`` of normalised RGB ``[B, 3, H, W]``.
+
+    Always float32 and outside autocast: the cube root and the gamma curve lose too much in bf16.
+    Mean and std are ``[1, 3, 1, 1]`` tensors on ``x``'s device.
+    """
+    with torch.autocast(x.device.type, enabled=False):
+        return (rgb_to_lab(x.float() * rgb_std + rgb_mean) - lab_mean) / lab_std

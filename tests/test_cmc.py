@@ -28,7 +28,8 @@ from sslcli.errors import UserError
 from sslcli.evaluation import knn_evaluate, resolve_encoder
 from sslcli.export import export_run
 from sslcli.methods import get_method
-from sslcli.methods.cmc import ConcatLabEncoder, concat_encoder, pairwise_edges
+from sslcli.engine.view_graph import pairwise_edges
+from sslcli.evaluation.multiview import ConcatLabEncoder, concat_encoder
 from sslcli.models.encoders import create_encoder
 from sslcli.pretrain import pretrain
 

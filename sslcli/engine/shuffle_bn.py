@@ -28,18 +28,31 @@ def mode(splits: int) -> str:
     return "off (one process, splits=1)"
 
 
+Outputs = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+def _rows(out: Outputs, fn: Callable[[torch.Tensor], torch.Tensor]) -> Outputs:
+    # Encoders with several outputs (DenseCL: global, dense, backbone map) get each one re-ordered.
+    return tuple(fn(o) for o in out) if isinstance(out, tuple) else fn(out)
+
+
 @torch.no_grad()
-def shuffled_forward(encoder: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, splits: int) -> torch.Tensor:
-    """``encoder(x)`` with Shuffling BN; rows come back in the original order."""
+def shuffled_forward(encoder: Callable[[torch.Tensor], Outputs], x: torch.Tensor, splits: int) -> Outputs:
+    """``encoder(x)`` with Shuffling BN; rows come back in the original order.
+
+    ``encoder`` may return one tensor or a tuple of tensors with one row per sample each.
+    """
     if dist.world_size() > 1:
         x_all = dist.gather_no_grad(x)
         perm = dist.broadcast_(torch.randperm(x_all.shape[0], device=x.device))
         n, r = x.shape[0], dist.rank()
-        out_all = dist.gather_no_grad(encoder(x_all[perm[r * n : (r + 1) * n]]))
+        out_all = _rows(encoder(x_all[perm[r * n : (r + 1) * n]]), dist.gather_no_grad)
         inverse = torch.argsort(perm)
-        return out_all[inverse][r * n : (r + 1) * n]
+        return _rows(out_all, lambda o: o[inverse][r * n : (r + 1) * n])
     if splits <= 1:
         return encoder(x)
     perm = torch.randperm(x.shape[0], device=x.device)
-    out = torch.cat([encoder(chunk) for chunk in x[perm].chunk(splits)])
-    return out[torch.argsort(perm)]
+    outs = [encoder(chunk) for chunk in x[perm].chunk(splits)]
+    out = tuple(torch.cat(parts) for parts in zip(*outs)) if isinstance(outs[0], tuple) else torch.cat(outs)
+    inverse = torch.argsort(perm)
+    return _rows(out, lambda o: o[inverse])

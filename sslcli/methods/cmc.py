@@ -19,15 +19,13 @@ are unbiased, the shared draw costs a [K, D] gather instead of a [B, K, D] one).
 ``self.backbone`` is the L encoder (in_chans 1): the exported weights load into timm with
 ``in_chans=1`` and expect the L channel of CIE Lab (D65, as ``skimage.color.rgb2lab``, L in
 [0, 100]) normalised as ``(L - 50) / 50``; the metadata says so (``input_space: lab_l``, mean
-[50], std [50]) and ``sslcli knn`` / ``linear-probe`` apply it.  :func:`concat_encoder` gives
+[50], std [50]) and ``sslcli knn`` / ``linear-probe`` apply it.  :func:`sslcli.evaluation.multiview.concat_encoder` gives
 CMC's evaluation input instead: the L and ab features concatenated.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,44 +33,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from sslcli import distributed as dist
-from sslcli.augment import AugmentConfig, eval_transform
-from sslcli.colorspace import LAB_MEAN, LAB_STD, rgb_to_lab
+from sslcli.augment import AugmentConfig
+from sslcli.colorspace import LAB_MEAN, LAB_STD, normalised_rgb_to_lab
 from sslcli.engine.memory_bank import MemoryBank
+from sslcli.engine.view_graph import GRAPHS, directions, pairwise_edges
 from sslcli.errors import UserError
 from sslcli.losses import collapse_std, info_nce
 from sslcli.losses.nce import estimate_partition, nce_loss
 from sslcli.methods.base import Method, StepOutput, register_method
-from sslcli.models.encoders import Encoder, EncoderSpec
+from sslcli.models.encoders import Encoder
 from sslcli.models.heads import build_mlp
+from sslcli.models.view_encoders import build_view_encoder, view_spec
 
 LOSSES = ("nce", "softmax")
-GRAPHS = ("full", "core")
-_RESNET_CHANNELS = (64, 128, 256, 512)  # timm ResNet stage widths (planes); CMC's half width is 32..256
-
-
-def view_spec(spec: EncoderSpec, in_chans: int, width: float = 1.0) -> EncoderSpec:
-    """``spec`` for a view of ``in_chans`` channels; ``width`` scales a timm ResNet's stage widths.
-
-    ``width: 0.5`` is CMC's ``is_half`` ResNet (the paper's split of one network into an L half and
-    an ab half): the 64-channel stem is kept, the four stages get 32, 64, 128, 256 planes.
-    """
-    kwargs = dict(spec.timm_kwargs, in_chans=in_chans)
-    if width != 1.0:
-        if width <= 0:
-            raise UserError(f"method_args.width must be positive, got {width}")
-        base = kwargs.get("channels", _RESNET_CHANNELS)
-        kwargs["channels"] = [max(1, round(c * width)) for c in base]
-    return dataclasses.replace(spec, timm_kwargs=kwargs)
-
-
-def _build_encoder(spec: EncoderSpec, like: Encoder) -> Encoder:
-    try:
-        encoder = Encoder(spec)
-    except TypeError as err:  # timm models without stage widths reject `channels`
-        raise UserError(f"method_args.width != 1 needs a timm ResNet backbone, not '{spec.arch}' ({err})") from None
-    if any(not p.requires_grad for p in like.parameters()):  # --freeze-patch-embed applies to every view
-        encoder.freeze_patch_embed()
-    return encoder
 
 
 @register_method("cmc")
@@ -102,7 +75,7 @@ class CMC(Method):
         names, channels = ["l", "ab", *extra], [1, 2, *extra.values()]
         if core_view not in names:
             raise UserError(f"method_args.core_view must name a view ({', '.join(names)}), got {core_view!r}")
-        encoders = [_build_encoder(view_spec(encoder.spec, c, width), encoder) for c in channels]
+        encoders = [build_view_encoder(view_spec(encoder.spec, c, width), encoder) for c in channels]
         super().__init__(encoders[0])  # the L encoder is the exported backbone
         self.view_names, self.view_channels = names, channels
         self.view_encoders = nn.ModuleList(encoders[1:])
@@ -128,9 +101,7 @@ class CMC(Method):
 
     def lab(self, rgb_normalised: torch.Tensor) -> torch.Tensor:
         """CMC's normalised Lab ``[B, 3, H, W]`` (float32) of the loader's normalised RGB views."""
-        with torch.autocast(rgb_normalised.device.type, enabled=False):
-            rgb = rgb_normalised.float() * self.rgb_std + self.rgb_mean
-            return (rgb_to_lab(rgb) - self.lab_mean) / self.lab_std
+        return normalised_rgb_to_lab(rgb_normalised, self.rgb_mean, self.rgb_std, self.lab_mean, self.lab_std)
 
     def view_inputs(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
         """The encoders' inputs: L, ab (from ``views[0]``) and the extra fields (``views[1:]``, same crop)."""
@@ -196,62 +167,3 @@ class CMC(Method):
         return {"views": views, "graph": f"{self.graph}: {edges}",
                 "memory_banks": f"{len(self.banks)} x {self.banks[0].size} x {self.banks[0].dim}",
                 "loss": f"{self.loss}, {self.num_negatives} negatives, t {self.temperature}"}
-
-
-def pairwise_edges(num_views: int, graph: str, core: int = 0) -> list[tuple[int, int]]:
-    """The view pairs contrasted: all ``i < j`` (``full``) or ``(core, j)`` for every other ``j`` (``core``)."""
-    if graph == "full":
-        return [(i, j) for i in range(num_views) for j in range(i + 1, num_views)]
-    if graph == "core":
-        return [(core, j) for j in range(num_views) if j != core]
-    raise ValueError(f"unknown graph {graph!r}; choose from {list(GRAPHS)}")
-
-
-def directions(edges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Both directions ``(anchor view, memory view)`` of every edge."""
-    return [d for i, j in edges for d in ((i, j), (j, i))]
-
-
-class ConcatLabEncoder(nn.Module):
-    """CMC's evaluation features: the L and ab encoders' pooled features of a normalised Lab image, concatenated.
-
-    Input ``[B, 3, H, W]`` in the ``lab`` input space normalised with ``LAB_MEAN`` / ``LAB_STD``; output
-    ``[B, dim_L + dim_ab]``, each half L2-normalised so that neither view outweighs the other in kNN.
-    """
-
-    def __init__(self, l_encoder: Encoder, ab_encoder: Encoder) -> None:
-        super().__init__()
-        self.l_encoder, self.ab_encoder = l_encoder, ab_encoder
-        self.dim = l_encoder.dim + ab_encoder.dim
-
-    def forward(self, lab: torch.Tensor) -> torch.Tensor:
-        return torch.cat([F.normalize(self.l_encoder(lab[:, :1]), dim=1),
-                          F.normalize(self.ab_encoder(lab[:, 1:]), dim=1)], dim=1)
-
-
-def concat_encoder(run: Path | str) -> tuple[ConcatLabEncoder, Any]:
-    """The L+ab encoder of a CMC run (directory or checkpoint file) and its evaluation transform.
-
-    ``knn_evaluate(encoder, train, test, transform)`` / ``linear_probe(...)`` then evaluate CMC's
-    concatenated features (the paper's protocol) instead of the exported L encoder's alone.
-    """
-    from sslcli.config import PretrainConfig, from_dict
-    from sslcli.engine import checkpoint
-    from sslcli.export import state_to_tensor_dict
-    from sslcli.models.encoders import resolve_arch
-
-    run = Path(run)
-    ckpt = run if run.is_file() else checkpoint.latest(run / "checkpoints")
-    if ckpt is None:
-        raise UserError(f"'{run}' has no checkpoints; train it with `sslcli pretrain cmc ... --out {run}` first")
-    state = checkpoint.load(ckpt)
-    cfg: PretrainConfig = from_dict(PretrainConfig, state["config"])
-    if cfg.method != "cmc":
-        raise UserError(f"'{run}' is a {cfg.method} run, not cmc")
-    method = CMC(Encoder(resolve_arch(cfg.arch, img_size=cfg.augment.eval_size)), num_samples=1, augment=cfg.augment,
-                 **cfg.method_args)
-    method.backbone.load_state_dict(state_to_tensor_dict(state["model"], "backbone."), strict=True)
-    method.view_encoders[0].load_state_dict(state_to_tensor_dict(state["model"], "view_encoders.0."), strict=True)
-    encoder = ConcatLabEncoder(method.backbone, method.view_encoders[0])
-    transform = eval_transform(cfg.augment.eval_size, cfg.augment.eval_crop_pct, LAB_MEAN, LAB_STD, input_space="lab")
-    return encoder, transform

@@ -29,6 +29,8 @@ from sslcli.models.heads import build_mlp
 
 @register_method("invaspread")
 class InvaSpread(Method):
+    """InvaSpread (Ye et al., CVPR 2019): one encoder, (image, augmented) positives, in-batch negatives."""
+
     def __init__(self, encoder: Encoder, dim: int = 128, temperature: float = 0.1, mlp_hidden: int = 0,
                  head_norm: str | None = None) -> None:
         super().__init__(encoder)

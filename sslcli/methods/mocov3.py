@@ -31,6 +31,8 @@ from sslcli.models.heads import build_mlp, mlp_layers
 
 @register_method("mocov3")
 class MoCoV3(Method):
+    """MoCo v3 (Chen, Xie, He, 2021): projector + predictor, momentum encoder, symmetric in-batch InfoNCE."""
+
     def __init__(self, encoder: Encoder, dim: int = 256, mlp_hidden: int = 4096, proj_layers: int = 3,
                  pred_last_bn: bool = True, temperature: float = 0.2, momentum: float = 0.99,
                  momentum_end: float = 1.0) -> None:

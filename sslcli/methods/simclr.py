@@ -20,6 +20,8 @@ from sslcli.models.heads import build_mlp, mlp_layers
 
 @register_method("simclr")
 class SimCLR(Method):
+    """SimCLR v1 (Chen et al., 2020): two views, MLP projector, NT-Xent over in-batch negatives of all ranks."""
+
     def __init__(self, encoder: Encoder, temperature: float = 0.1, proj_hidden: int = 2048, proj_dim: int = 128,
                  proj_layers: int = 2, proj_last_bn: bool = True) -> None:
         super().__init__(encoder)

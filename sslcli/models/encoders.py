@@ -39,6 +39,8 @@ ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     "vit_tiny_p8": ("vit_tiny_patch16_224", {"patch_size": 8}),
     "vit_s_p4": ("vit_small_patch16_224", {"patch_size": 4}),
     "vit_s_p8": ("vit_small_patch16_224", {"patch_size": 8}),
+    # dilated last stage (output stride 16): a 2 x 2 feature map at 32 px, for dense methods (densecl)
+    "resnet18_os16": ("resnet18", {"output_stride": 16}),
 }
 
 
