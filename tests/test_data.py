@@ -79,6 +79,18 @@ def test_render_sample_is_rgb_labelled_and_captioned() -> None:
         assert CLASSES[label] in caption and "background" in caption
 
 
+def test_segmentation_mask_is_the_foreground_and_the_image_is_unchanged() -> None:
+    image, label, caption, mask = synth.render_sample_with_mask(np.random.default_rng(5), 48)
+    assert (image, label, caption) == synth.render_sample(np.random.default_rng(5), 48)
+    assert mask.mode == "L" and mask.size == (48, 48)
+    seg = np.asarray(mask, np.float32) / 255
+    assert 0.02 < seg.mean() < 0.6  # shapes cover part of the image, never all of it
+    # Inside the mask the pixels are the shape's colour, outside the background's: their mean colours differ.
+    rgb = np.asarray(image, np.float32)
+    inside, outside = rgb[seg > 0.99].mean(0), rgb[seg < 0.01].mean(0)
+    assert np.abs(inside - outside).max() > 20
+
+
 def test_generation_is_deterministic_and_seeded(tmp_path: Path) -> None:
     args = dict(train=30, test=12, size=24, shard_size=10)
     first = generate_synthetic(tmp_path / "a", seed=3, **args)
@@ -121,6 +133,7 @@ def test_samples_are_balanced_and_captioned(synth_data: Path) -> None:
             assert key == sample_key("train", int(fields["idx"]))
             assert CLASSES[label] in caption
             assert Image.open(io.BytesIO(fields["png"])).size == (32, 32)
+            assert Image.open(io.BytesIO(fields[synth.SEGMENTATION_FIELD])).mode == "L"
             labels.append(label)
             idx.append(int(fields["idx"]))
     assert idx == list(range(600))

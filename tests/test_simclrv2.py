@@ -13,6 +13,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from sslcli.cli.app import app
+from sslcli.data.formats import iter_tar_samples
 from sslcli.data.reader import resolve_source
 from sslcli.data.subset import balanced_subset
 from sslcli.errors import UserError
@@ -94,8 +95,19 @@ def test_data_subset_writes_a_balanced_split_and_links_the_rest(synth_data: Path
     train, full = resolve_source(out, "train"), resolve_source(synth_data, "train")
     assert train.num_samples == 60 and train.classes == full.classes
     assert resolve_source(out, "test").num_samples == resolve_source(synth_data, "test").num_samples
+    # Every sample keeps its fields, extras included; idx is renumbered and the original kept as src_idx.
+    originals = {int(f["idx"]): f for shard in train_shards(synth_data) for _, f in iter_tar_samples(shard)}
+    for shard in train_shards(out):
+        for _, fields in iter_tar_samples(shard):
+            source = originals[int(fields["src_idx"])]
+            assert {k: v for k, v in fields.items() if k not in ("idx", "src_idx")} == \
+                {k: v for k, v in source.items() if k != "idx"}
     again = runner.invoke(app, ["data", "subset", str(synth_data), str(out), "--fraction", "0.1"])
     assert again.exit_code == 2 and "--overwrite" in again.output
+
+
+def train_shards(root: Path) -> list[Path]:
+    return sorted(root.glob("train-*.tar"))
 
 
 @pytest.mark.slow

@@ -117,7 +117,8 @@ class _BatchStream(IterableDataset):
         self.extra_fields: dict[str, int] = dict(getattr(transform, "extra_fields", None) or {})
         if self.extra_fields and source.kind != "shards":
             raise UserError(f"extra views ({', '.join(self.extra_fields)}) are read from shard fields, but "
-                            f"'{source.spec}' is an image folder; write shards whose samples carry them")
+                            f"'{source.spec}' is an image folder; write shards whose samples carry them, or "
+                            f"train without them: --set 'method_args.extra_views={{}}'")
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed % 2**63  # numpy seed sequences take non-negative integers only
@@ -156,7 +157,8 @@ class _BatchStream(IterableDataset):
                     missing = [name for name in self.extra_fields if name not in fields]
                     if missing:
                         raise UserError(f"sample '{origin}' has no '{missing[0]}' field, which the method takes as "
-                                        f"an extra view; every sample needs {', '.join(self.extra_fields)}")
+                                        f"an extra view; every sample needs {', '.join(self.extra_fields)} "
+                                        f"(or train without them: --set 'method_args.extra_views={{}}')")
                     extras = {name: fields[name] for name in self.extra_fields}
                 yield _Record(index, -1 if label is None else label, text, image, origin, extras)
 

@@ -11,7 +11,7 @@ import io
 import json
 import os
 import tarfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -42,10 +42,14 @@ def shard_name(split: str, number: int) -> str:
 
 
 def sample_fields(
-    image: bytes, ext: str, *, index: int, label: int | None = None, caption: str | None = None
+    image: bytes, ext: str, *, index: int, label: int | None = None, caption: str | None = None,
+    extras: Mapping[str, bytes] | None = None,
 ) -> dict[str, bytes]:
-    """The tar members of one sample, keyed by extension, in a fixed order."""
-    fields = {ext: image}
+    """The tar members of one sample, keyed by extension, in a fixed order.
+
+    ``extras`` are further per-sample fields (e.g. ``{"seg.png": ...}``), written after the image.
+    """
+    fields = {ext: image, **(extras or {})}
     if label is not None:
         fields["cls"] = str(label).encode()
     if caption is not None:

@@ -14,10 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from sslcli.data.formats import iter_tar_samples
+from sslcli.data.formats import image_field, iter_tar_samples
 from sslcli.data.reader import DataSource, read_index, resolve_source
 from sslcli.data.shards import ShardWriter, prepare_output, sample_fields, sample_key, write_index
 from sslcli.errors import UserError
+
+# Fields a subset rewrites itself; every other field of a sample is copied as it is.
+_OWN_FIELDS = frozenset({"cls", "txt", "idx", "src_idx"})
 
 
 def balanced_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -66,7 +69,7 @@ def write_label_subset(data: str | Path, out: Path, *, fraction: float, seed: in
                        shard_size: int = 2000, overwrite: bool = False) -> dict:
     """Writes ``out`` holding a class-balanced ``fraction`` of ``data``'s ``split``; returns its index.
 
-    Samples keep every field (image, ``cls``, ``txt``) and get new consecutive ``idx`` values; the
+    Samples keep every field (image, ``cls``, ``txt``, extras such as ``seg.png``) and get new consecutive ``idx`` values; the
     original index is kept as ``src_idx``.  The dataset's other splits are linked into ``out``.
     """
     source = resolve_source(data, split)
@@ -81,9 +84,12 @@ def write_label_subset(data: str | Path, out: Path, *, fraction: float, seed: in
         for i, (label, fields) in enumerate(_samples(source)):
             if i not in keep:
                 continue
-            image_ext = next(ext for ext in fields if ext not in ("cls", "txt", "idx", "src_idx"))
+            image_ext = image_field(fields) or next(ext for ext in fields if ext not in _OWN_FIELDS)
             caption = fields["txt"].decode() if "txt" in fields else None
-            new = sample_fields(fields[image_ext], image_ext, index=position, label=label, caption=caption)
+            # Extra per-sample fields (seg.png, depth.png, ...) travel with the image.
+            extras = {name: data for name, data in fields.items() if name != image_ext and name not in _OWN_FIELDS}
+            new = sample_fields(fields[image_ext], image_ext, index=position, label=label, caption=caption,
+                                extras=extras)
             writer.write(sample_key(split, position), {**new, "src_idx": fields.get("idx", str(i).encode())})
             position += 1
         splits[split] = writer.close()

@@ -5,6 +5,9 @@ position, rotation and surface texture on a random background, plus a caption de
 class, count, size, colour and background. Colour, position, size and background are
 nuisance factors: they vary independently of the label, so raw-pixel similarity is a poor
 classifier while an encoder that has learnt shape does well.
+
+Each sample also carries ``seg.png``, the foreground mask (where the shapes are, not which
+class): a second modality of the scene for multi-view methods such as CMC.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ CLASSES: tuple[str, ...] = (
     "arrow",
     "hourglass",
 )
+# The per-sample foreground mask's shard field: an extra view for multi-view methods (CMC).
+SEGMENTATION_FIELD = "seg.png"
 _PLURALS = {"cross": "crosses", "hourglass": "hourglasses"}
 
 _COLOURS: dict[str, tuple[int, int, int]] = {
@@ -267,6 +272,18 @@ def render_sample(rng: np.random.Generator, size: int, label: int | None = None)
 
     ``label`` fixes the class (used for balanced splits); otherwise it is drawn from ``rng``.
     """
+    image, label, caption, _ = render_sample_with_mask(rng, size, label)
+    return image, label, caption
+
+
+def render_sample_with_mask(
+    rng: np.random.Generator, size: int, label: int | None = None
+) -> tuple[Image.Image, int, str, Image.Image]:
+    """``render_sample`` plus the foreground segmentation: an 8-bit grey image of shape coverage.
+
+    The mask is a second modality of the same scene (as depth or segmentation are for CMC on NYU):
+    it shows where the shapes are, not which class they belong to, and it has no colour.
+    """
     if label is None:
         label = int(rng.integers(len(CLASSES)))
     shape = CLASSES[label]
@@ -281,19 +298,25 @@ def render_sample(rng: np.random.Generator, size: int, label: int | None = None)
     image = Image.fromarray(np.clip(pixels + 0.5, 0, 255).astype(np.uint8), "RGB")
     noun = shape if count == 1 else _PLURALS.get(shape, f"{shape}s")
     caption = f"{_COUNT_WORDS[count]} {size_word} {fg_name} {noun} on {_BACKGROUND_PHRASES[pattern].format(bg_name)}"
-    return image, int(label), caption
+    mask = Image.fromarray(np.clip(alpha[..., 0] * 255 + 0.5, 0, 255).astype(np.uint8), "L")
+    return image, int(label), caption, mask
 
 
-def _render_range(task: tuple[int, str, int, int, int, int]) -> list[tuple[bytes, int, str]]:
-    """Renders samples [start, stop) of a split as PNG bytes (runs in pool workers)."""
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _render_range(task: tuple[int, str, int, int, int, int]) -> list[tuple[bytes, bytes, int, str]]:
+    """Renders samples [start, stop) of a split as (image PNG, mask PNG, label, caption) (runs in pool workers)."""
     seed, split, start, stop, count, size = task
     labels = split_labels(seed, split, count)
     rendered = []
     for index in range(start, stop):
-        image, label, caption = render_sample(sample_rng(seed, split, index), size, label=int(labels[index]))
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        rendered.append((buffer.getvalue(), label, caption))
+        image, label, caption, mask = render_sample_with_mask(sample_rng(seed, split, index), size,
+                                                              label=int(labels[index]))
+        rendered.append((_png(image), _png(mask), label, caption))
     return rendered
 
 
@@ -345,9 +368,10 @@ def generate_synthetic(
             chunks = pool.imap(_render_range, split_tasks) if pool else map(_render_range, split_tasks)
             with ShardWriter(out_dir, split, shard_size) as writer:
                 for chunk in chunks:
-                    for png, label, caption in chunk:
+                    for png, mask, label, caption in chunk:
                         index = writer.count
-                        fields = sample_fields(png, "png", index=index, label=label, caption=caption)
+                        fields = sample_fields(png, "png", index=index, label=label, caption=caption,
+                                               extras={SEGMENTATION_FIELD: mask})
                         writer.write(sample_key(split, index), fields)
                 splits[split] = writer.close()
     finally:

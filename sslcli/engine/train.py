@@ -69,6 +69,7 @@ def train(
                 if settings.optim.clip_grad:
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(params, settings.optim.clip_grad)
+                method.before_optimizer_step(step / total_steps)
                 scaler.step(optimizer)
                 scaler.update()
                 step += 1

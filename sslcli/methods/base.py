@@ -4,6 +4,8 @@ A method is an ``nn.Module`` built from an :class:`~sslcli.models.encoders.Encod
 keyword hyper-parameters (the recipe's ``method_args``).  The training loop only ever calls:
 
 - ``forward(views, batch) -> StepOutput`` with the loss to minimise;
+- ``before_optimizer_step(progress)`` between backward (and clipping) and the optimiser step
+  (DINO / SwAV cancel the gradients of a layer they keep frozen early in training);
 - ``after_step(progress)`` after each optimiser step (EMA updates, queue bookkeeping);
 - ``param_groups()`` once, to build the optimiser;
 - ``backbone`` for export and evaluation.
@@ -27,8 +29,15 @@ from sslcli.models.encoders import Encoder
 
 @dataclass
 class StepOutput:
+    """A step's loss, scalars to log, and the embeddings the collapse monitors watch.
+
+    ``embedding`` is a ``[B, D]`` batch of the method's output embeddings (the projector's or
+    head's output the loss is computed on, one view), detached by the consumer.
+    """
+
     loss: torch.Tensor
     logs: dict[str, torch.Tensor | float] = field(default_factory=dict)
+    embedding: torch.Tensor | None = None
 
 
 class Method(nn.Module, abc.ABC):
@@ -41,6 +50,10 @@ class Method(nn.Module, abc.ABC):
     @abc.abstractmethod
     def forward(self, views: list[torch.Tensor], batch: dict[str, Any]) -> StepOutput:
         """One training step's loss from the augmented ``views`` (``[B, C, H, W]`` each)."""
+
+    def before_optimizer_step(self, progress: float) -> None:
+        """Called once gradients are final (after clipping), before the optimiser uses them;
+        ``progress`` = fraction of training done before this step."""
 
     def after_step(self, progress: float) -> None:
         """Called after each optimiser step with ``progress`` = fraction of training done."""
@@ -95,8 +108,10 @@ def get_method(name: str) -> type[Method]:
 
 # Facts about the run, not recipe settings: a method asks for one by naming it in ``__init__``.
 # num_samples: training-set size, for memory banks with one row per image; augment: the run's
-# AugmentConfig, for a method that works on the views' pixels (CMC un-normalises them to Lab).
-RUNTIME_ARGS = ("num_samples", "augment")
+# AugmentConfig, for a method that works on the views' pixels (CMC un-normalises them to Lab);
+# epochs: the run's length, for settings given in epochs (DINO's frozen last layer, SwAV's queue
+# start) that the method compares with ``progress * epochs``.
+RUNTIME_ARGS = ("num_samples", "augment", "epochs")
 
 
 def hyperparameters(cls: type[Method]) -> dict[str, Any]:
@@ -120,13 +135,13 @@ def check_method_args(name: str, method_args: dict[str, Any]) -> type[Method]:
 
 
 def build_method(name: str, encoder: Encoder, method_args: dict[str, Any], *, num_samples: int | None = None,
-                 augment: Any = None) -> Method:
+                 augment: Any = None, epochs: int | None = None) -> Method:
     """``name``'s method on ``encoder``; runtime facts reach methods whose ``__init__`` asks for them.
 
     A runtime argument the method declares without a default must be given (not None).
     """
     cls = check_method_args(name, method_args)
-    runtime = {"num_samples": num_samples, "augment": augment}
+    runtime = {"num_samples": num_samples, "augment": augment, "epochs": epochs}
     params = inspect.signature(cls.__init__).parameters
     wanted = {k: v for k, v in runtime.items() if k in params}
     required = [k for k, v in wanted.items() if v is None and params[k].default is inspect.Parameter.empty]
