@@ -12,7 +12,9 @@ transform converts the ``[0, 1]`` RGB image to it before normalising with the re
 - ``rgb``: the image itself (3 channels), every method but CMC;
 - ``lab``: L, a, b (3 channels);
 - ``lab_l``: L only (1 channel), CMC's exported L encoder;
-- ``lab_ab``: a and b (2 channels), CMC's ab encoder.
+- ``lab_ab``: a and b (2 channels), CMC's ab encoder;
+- ``sobel``: horizontal and vertical Sobel gradients of the grey image (2 channels), DeepCluster's
+  fixed input filter (grey = 0.299 R + 0.587 G + 0.114 B, 3x3 Sobel kernels, zero padding).
 """
 
 from __future__ import annotations
@@ -31,8 +33,12 @@ _XYZ_FROM_RGB = (
 )
 _WHITE_D65 = (0.95047, 1.0, 1.08883)
 
-# space -> (channels of the full Lab image it keeps, or None for RGB)
-INPUT_SPACES: dict[str, tuple[int, ...] | None] = {"rgb": None, "lab": (0, 1, 2), "lab_l": (0,), "lab_ab": (1, 2)}
+# Lab spaces -> the channels of the full Lab image they keep.
+_LAB_CHANNELS: dict[str, tuple[int, ...]] = {"lab": (0, 1, 2), "lab_l": (0,), "lab_ab": (1, 2)}
+# space -> number of channels.
+INPUT_SPACES: dict[str, int] = {"rgb": 3, **{k: len(v) for k, v in _LAB_CHANNELS.items()}, "sobel": 2}
+_GREY = (0.299, 0.587, 0.114)
+_SOBEL_X = ((1.0, 0.0, -1.0), (2.0, 0.0, -2.0), (1.0, 0.0, -1.0))
 
 
 def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
@@ -54,21 +60,36 @@ def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
     return torch.stack([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], dim=-3)
 
 
+def sobel(rgb: torch.Tensor) -> torch.Tensor:
+    """Sobel gradients ``[..., 2, H, W]`` (x then y) of the grey image of ``rgb`` ``[..., 3, H, W]``.
+
+    Linear in ``rgb``, so it commutes with any per-image affine intensity change up to scale; it keeps
+    edges and drops colour, the trivial cue DeepCluster's clustering would otherwise latch onto.
+    """
+    lead = rgb.shape[:-3]
+    x = rgb.reshape(-1, 3, *rgb.shape[-2:])
+    grey = torch.einsum("c,bchw->bhw", torch.tensor(_GREY, dtype=x.dtype, device=x.device), x)[:, None]
+    kx = torch.tensor(_SOBEL_X, dtype=x.dtype, device=x.device)
+    kernels = torch.stack([kx, kx.T])[:, None]  # [2, 1, 3, 3]: d/dx, d/dy
+    return torch.nn.functional.conv2d(grey, kernels, padding=1).reshape(*lead, 2, *rgb.shape[-2:])
+
+
 def to_input_space(rgb: torch.Tensor, space: str) -> torch.Tensor:
     """``rgb`` (``[..., 3, H, W]`` in ``[0, 1]``) converted to the named input space (module docstring)."""
     if space not in INPUT_SPACES:
         raise ValueError(f"unknown input space {space!r}; known: {', '.join(INPUT_SPACES)}")
-    channels = INPUT_SPACES[space]
-    if channels is None:
+    if space == "rgb":
         return rgb
+    if space == "sobel":
+        return sobel(rgb)
+    channels = _LAB_CHANNELS[space]
     lab = rgb_to_lab(rgb)
     return lab if channels == (0, 1, 2) else lab[..., list(channels), :, :]
 
 
 def input_channels(space: str) -> int:
     """Number of channels of an input space."""
-    channels = INPUT_SPACES[space]
-    return 3 if channels is None else len(channels)
+    return INPUT_SPACES[space]
 
 
 class ToInputSpace:

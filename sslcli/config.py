@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from sslcli.augment import AugmentConfig
+from sslcli.augment import AugmentConfig, ViewConfig
 from sslcli.engine.optim import OptimConfig
 from sslcli.errors import UserError, suggest
 
@@ -187,22 +187,131 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def recipe_aliases() -> dict[str, str]:
+    """Recipes that run another registered method, e.g. ``seer -> swav``: a file ``recipes/<name>.yaml``
+    whose name is no method and whose top level says ``method: <registered method>``."""
+    from sslcli.methods import METHODS
+
+    aliases: dict[str, str] = {}
+    for path in sorted(recipe_path("any").parent.glob("*.yaml")):
+        if path.stem not in METHODS:
+            target = (yaml.safe_load(path.read_text()) or {}).get("method")
+            if target in METHODS:
+                aliases[path.stem] = target
+    return aliases
+
+
+def resolve_method(name: str) -> str:
+    """The registered method that ``sslcli pretrain NAME`` runs: ``name`` itself or the one its recipe names."""
+    from sslcli.methods import METHODS
+
+    if name in METHODS:
+        return name
+    aliases = recipe_aliases()
+    if name in aliases:
+        return aliases[name]
+    names = sorted([*METHODS, *aliases])
+    raise UserError(f"unknown method '{name}'{suggest(name, names)}; available: {', '.join(names)}")
+
+
 def build_config(method: str, recipe: str | None = None, options: dict[str, Any] | None = None,
-                 sets: list[str] | None = None) -> PretrainConfig:
-    """Resolves a run's config: recipe (+ variant) < explicit CLI ``options`` < ``--set`` strings.
+                 sets: list[str] | None = None, crops: CropOptions | None = None) -> PretrainConfig:
+    """Resolves a run's config: recipe (+ variant) < explicit CLI ``options`` < ``crops`` < ``--set`` strings.
 
-    ``options`` maps dotted config keys (``epochs``, ``optim.lr``) to values; ``None`` means
-    "not given".  Unknown keys anywhere raise :class:`UserError` with a suggestion.
+    ``method`` is a registered method or a recipe that names one (``seer`` runs ``swav``: the written
+    config says ``method: swav``).  ``options`` maps dotted config keys (``epochs``, ``optim.lr``) to
+    values; ``None`` means "not given".  Unknown keys anywhere raise :class:`UserError` with a suggestion.
     """
-    from sslcli.methods.base import check_method_args, get_method
+    from sslcli.methods.base import check_method_args
 
-    get_method(method)  # an unknown method fails before any file is read
-    data = load_recipe(method, recipe)
+    name, method = method, resolve_method(method)  # an unknown name fails before any file is read
+    data = load_recipe(name, recipe)
     data["method"] = method
     pairs = [(k, v) for k, v in (options or {}).items() if v is not None]
-    pairs += [parse_override(item) for item in sets or []]
     for key, value in pairs:
+        data = set_path(data, key, value)
+    if crops is not None:
+        data = apply_crop_options(data, crops)
+    for key, value in [parse_override(item) for item in sets or []]:
         data = set_path(data, key, value)
     cfg = from_dict(PretrainConfig, data)
     check_method_args(method, cfg.method_args)
     return cfg
+
+
+@dataclass
+class CropOptions:
+    """``sslcli pretrain``'s multi-crop options (``None``: keep the recipe's); scales are ``"LO,HI"``."""
+
+    global_crops: int | None = None
+    local_crops: int | None = None
+    global_size: int | None = None
+    local_size: int | None = None
+    global_scale: str | None = None
+    local_scale: str | None = None
+
+
+# Scale of a local group the recipe lacks, when --local-scale is not given: SwAV's 6 x 96 px crops.
+DEFAULT_LOCAL_SCALE = (0.05, 0.14)
+
+
+def _scale(text: str | None, flag: str) -> tuple[float, float] | None:
+    if text is None:
+        return None
+    try:
+        lo, hi = (float(x) for x in text.split(","))
+    except ValueError:
+        raise UserError(f"bad {flag} '{text}'; write LO,HI, e.g. {flag} 0.14,1") from None
+    if not 0 < lo <= hi <= 1:
+        raise UserError(f"bad {flag} '{text}'; crop scales are areas in (0, 1] with LO <= HI, e.g. {flag} 0.14,1")
+    return lo, hi
+
+
+def _at_least(value: int | None, low: int, flag: str) -> None:
+    if value is not None and value < low:
+        raise UserError(f"{flag} must be at least {low}, got {value}")
+
+
+def apply_crop_options(data: dict, crops: CropOptions) -> dict:
+    """A copy of the recipe dict ``data`` whose ``augment.views`` follow ``crops``.
+
+    The global groups are the leading view groups of the first group's size (one, or two for an
+    asymmetric recipe such as BYOL's); ``--global-size``/``--global-scale`` set each of them.  Local
+    options replace the groups after them by one group: the recipe's first local group with the
+    given count, size and scale, or, when the recipe has none, the first group's flip and colour
+    settings at ``--local-size`` (scale ``--local-scale``, default SwAV's 0.05,0.14).  ``--local-crops 0``
+    drops the local crops.
+    """
+    for value, low, flag in [(crops.global_crops, 1, "--global-crops"), (crops.local_crops, 0, "--local-crops"),
+                             (crops.global_size, 1, "--global-size"), (crops.local_size, 1, "--local-size")]:
+        _at_least(value, low, flag)
+    global_scale, local_scale = _scale(crops.global_scale, "--global-scale"), _scale(crops.local_scale, "--local-scale")
+    augment = dict(data.get("augment") or {})
+    views = [dict(v) for v in augment.get("views") or [{}]]
+    sizes = [v.get("size", ViewConfig.size) for v in views]  # a missing key means the default
+    n_global = next((i for i, size in enumerate(sizes) if size != sizes[0]), len(views))
+    glob, local = views[:n_global], views[n_global:]
+    if crops.global_crops is not None:
+        if len(glob) == 1:
+            glob[0]["count"] = crops.global_crops
+        elif crops.global_crops != sum(v.get("count", ViewConfig.count) for v in glob):
+            raise UserError(f"--global-crops cannot resize the recipe's {len(glob)} asymmetric global view groups; "
+                            "edit augment.views with --set or a recipe file")
+    for v in glob:
+        v.update({k: x for k, x in (("size", crops.global_size), ("scale", global_scale)) if x is not None})
+    if (crops.local_crops, crops.local_size, local_scale) != (None, None, None):
+        if crops.local_crops == 0:
+            if crops.local_size is not None or local_scale is not None:
+                raise UserError("--local-size and --local-scale contradict --local-crops 0; drop one of them")
+            local = []
+        elif not local and crops.local_crops is None:
+            raise UserError("--local-size and --local-scale need --local-crops N: the recipe has no local crops")
+        elif not local and crops.local_size is None:
+            raise UserError(f"--local-crops {crops.local_crops} needs --local-size PX: the recipe has no local crops")
+        else:
+            base = local[0] if local else {k: x for k, x in glob[0].items() if k not in ("count", "size", "scale")}
+            given = {"count": crops.local_crops, "size": crops.local_size, "scale": local_scale}
+            local = [{**base, **{k: x for k, x in given.items() if x is not None}}]
+            local[0].setdefault("scale", DEFAULT_LOCAL_SCALE)
+    augment["views"] = glob + local
+    return {**data, "augment": augment}

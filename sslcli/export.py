@@ -115,7 +115,7 @@ def export_run(run: Path, out: Path, *, overwrite: bool = False, keep_proj_layer
     spec = (EncoderSpec(**exported["spec"]) if "spec" in exported
             else resolve_arch(cfg.arch, img_size=cfg.augment.eval_size))
     encoder = Encoder(spec)
-    weights = state_to_tensor_dict(state["model"], "backbone.model.")
+    weights = state_to_tensor_dict(state["model"], f"{exported.get('module', 'backbone')}.model.")
     encoder.model.load_state_dict(weights, strict=True)
     meta = encoder_metadata(encoder, method=cfg.method, image_size=cfg.augment.eval_size, mean=cfg.augment.mean,
                             std=cfg.augment.std, epochs=int(state["epoch"]) + 1,

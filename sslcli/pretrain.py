@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from sslcli import distributed as dist
-from sslcli.augment import MultiView
+from sslcli.augment import MultiView, eval_transform
 from sslcli.config import PretrainConfig, to_dict
 from sslcli.data.reader import build_loader, resolve_source
 from sslcli.engine import checkpoint
@@ -30,6 +30,7 @@ from sslcli.engine.optim import build_optimizer
 from sslcli.engine.precision import autocast_dtype, grad_scaler
 from sslcli.engine.train import LoopSettings, train
 from sslcli.errors import UserError
+from sslcli.evaluation.features import extract_features
 from sslcli.export import encoder_metadata, save_encoder
 from sslcli.methods.base import build_method
 from sslcli.models.encoders import create_encoder
@@ -83,7 +84,9 @@ def pretrain(cfg: PretrainConfig, out: Path, *, device: str = "auto", resume: bo
 
     torch.manual_seed(cfg.seed + dist.rank())
     random.seed(cfg.seed + dist.rank())
-    encoder = create_encoder(cfg.arch, img_size=cfg.augment.eval_size)
+    # Multi-crop views of several sizes: a ViT interpolates its positional embeddings to each one.
+    encoder = create_encoder(cfg.arch, img_size=cfg.augment.eval_size,
+                             any_size=len({v.size for v in cfg.augment.views}) > 1)
     if cfg.freeze_patch_embed:
         encoder.freeze_patch_embed()
     # channels_last: measured ~15% faster for ResNets on CPU too; a no-op for linear layers.
@@ -125,10 +128,22 @@ def pretrain(cfg: PretrainConfig, out: Path, *, device: str = "auto", resume: bo
     meta = dict(method=cfg.method, image_size=cfg.augment.eval_size, mean=cfg.augment.mean, std=cfg.augment.std,
                 eval_crop_pct=str(cfg.augment.eval_crop_pct))
     meta.update(method.export_metadata())
-    # What `sslcli export` needs to rebuild a backbone that is not plain `cfg.arch` (CMC's 1-channel L encoder).
-    export_info = {"spec": dataclasses.asdict(method.backbone.spec), "metadata": method.export_metadata()}
+    # What `sslcli export` needs to rebuild a backbone that is not plain `cfg.arch` (CMC's 1-channel L encoder),
+    # and where the exported one lives in the checkpoint (`backbone`, or a teacher's copy such as DINO's).
+    exported = method.export_backbone()
+    export_info = {"spec": dataclasses.asdict(exported.spec), "metadata": method.export_metadata(),
+                   "module": next(name for name, module in method.named_modules() if module is exported)}
+
+    features_transform = eval_transform(cfg.augment.eval_size, cfg.augment.eval_crop_pct, cfg.augment.mean,
+                                        cfg.augment.std)
+
+    def dataset_features(module: torch.nn.Module) -> torch.Tensor:
+        return extract_features(module, source, features_transform, batch_size=2 * local_batch, device=dev,
+                                num_workers=cfg.num_workers)[0]
 
     def loader_for_epoch(epoch: int):  # noqa: ANN202 - an iterable of batch dicts
+        for param in method.before_epoch(epoch, dataset_features):
+            optimizer.state.pop(param, None)  # a re-initialised layer starts without momentum
         return build_loader(source, views, batch_size=local_batch, shuffle=True, seed=cfg.seed, epoch=epoch,
                             num_workers=cfg.num_workers, drop_last=True, rank=dist.rank(), world_size=world)
 
@@ -139,8 +154,7 @@ def pretrain(cfg: PretrainConfig, out: Path, *, device: str = "auto", resume: bo
             state = {"model": method.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                      "epoch": epoch, "rng": rng, "config": to_dict(cfg), "export": export_info}
             checkpoint.save_and_prune(state, out / "checkpoints", epoch, cfg.keep_checkpoints)
-            save_encoder(method.backbone, out / "encoder.safetensors", encoder_metadata(
-                method.backbone, epochs=epoch + 1, **meta))
+            save_encoder(exported, out / "encoder.safetensors", encoder_metadata(exported, epochs=epoch + 1, **meta))
         dist.barrier()
 
     settings = LoopSettings(epochs=cfg.epochs, optim=cfg.optim, base_lr=base_lr, device=dev, amp_dtype=amp_dtype,

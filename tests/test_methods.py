@@ -28,6 +28,8 @@ def test_method_trains_and_exports(name: str, synth_data: Path, tmp_path: Path) 
     run = pretrain(cfg, tmp_path / name, device="cpu")
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 600 // 64 and all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    # every method hands its output embedding to the collapse monitors (StepOutput.embedding)
+    assert all(r["embed_std"] > 0 and r["embed_rank"] >= 1 for r in records)
     assert json.loads((run / "run.json").read_text())["status"] == "finished"
 
     path = run / "encoder.safetensors"

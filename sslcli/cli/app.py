@@ -32,13 +32,14 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from sslcli.cli import data, evaluate, export, finetune, pretrain
+    from sslcli.cli import attention, data, evaluate, export, finetune, pretrain
 
     app.add_typer(data.app, name="data", help="Generate the embedded dataset and convert images to shards.")
     pretrain.register(app)
     evaluate.register(app)
     finetune.register(app)
     export.register(app)
+    attention.register(app)
 
 
 _register()

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from sslcli import distributed as dist
+from sslcli.losses.monitors import collapse_std, effective_rank
 
 console = Console(stderr=True)
 
@@ -19,6 +22,11 @@ console = Console(stderr=True)
 def info(message: str) -> None:
     if dist.is_main():
         console.print(message, highlight=False)
+
+
+def warn(message: str) -> None:
+    if dist.is_main():
+        console.print(f"[bold yellow]warning:[/] {message}", highlight=False)
 
 
 class MetricsLog:
@@ -40,11 +48,12 @@ class TrainProgress:
         self.enabled = dist.is_main()
         self.bar = Progress(
             TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[ips]:.0f} img/s"),
+            TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[ips]:.0f} img/s"
+                       "{task.fields[health]}"),
             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, disable=not self.enabled,
         )
         self.task = self.bar.add_task("train", total=total_steps, completed=done_steps, epoch=0, loss=float("nan"),
-                                      lr=0.0, ips=0.0)
+                                      lr=0.0, ips=0.0, health="")
 
     def __enter__(self) -> TrainProgress:
         self.bar.start()
@@ -54,4 +63,42 @@ class TrainProgress:
         self.bar.stop()
 
     def update(self, advance: int = 0, **fields: Any) -> None:
+        if "embed_std" in fields:
+            fields["health"] = f"  std {fields.pop('embed_std'):.3f} rank {fields.pop('embed_rank'):.1f}"
         self.bar.update(self.task, advance=advance, **fields)
+
+
+class CollapseMonitor:
+    """``embed_std`` and ``embed_rank`` of a step's output embeddings, with one warning the first
+    time they look collapsed.
+
+    Collapsed means either of: ``embed_std`` under a tenth of ``1 / sqrt(D)`` (the std of evenly
+    spread unit vectors): every sample near one point; or an effective rank under ``RANK_FLOOR``
+    (or 1% of the at most ``min(N - 1, D)`` directions a centred batch can use, when larger):
+    every sample on a line or a plane, the form collapse takes behind a BN layer, which keeps each
+    dimension's spread.  The rank is judged only with room for ``4 * RANK_FLOOR`` directions.
+    Healthy runs sit far above both (docs/methods.md lists the values measured).
+    """
+
+    STD_FRACTION = 0.1
+    RANK_FLOOR = 3.0
+    RANK_FRACTION = 0.01
+
+    def __init__(self) -> None:
+        self.warned = False
+
+    def __call__(self, embedding: torch.Tensor | None, step: int) -> dict[str, float]:
+        if embedding is None:
+            return {}
+        z = embedding.detach().flatten(1)
+        n, d = z.shape
+        room = min(n - 1, d)
+        std, rank = float(collapse_std(z)), float(effective_rank(z))
+        too_flat = std < self.STD_FRACTION / math.sqrt(d)
+        too_thin = room >= 4 * self.RANK_FLOOR and rank < max(self.RANK_FLOOR, self.RANK_FRACTION * room)
+        if (too_flat or too_thin) and not self.warned:
+            self.warned = True
+            warn(f"embeddings look collapsed at step {step}: embed_std {std:.4f} (evenly spread: "
+                 f"{1 / math.sqrt(d):.4f}), embed_rank {rank:.2f} of at most {room}; the loss can fall while nothing "
+                 "is learned: check the stop-gradient, the BN in the heads, the EMA momentum and the learning rate")
+        return {"embed_std": round(std, 5), "embed_rank": round(rank, 3)}

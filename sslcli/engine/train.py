@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from sslcli import distributed as dist
-from sslcli.engine.metrics import MetricsLog, TrainProgress
+from sslcli.engine.metrics import CollapseMonitor, MetricsLog, TrainProgress
 from sslcli.engine.optim import OptimConfig, apply_schedules
 from sslcli.engine.precision import autocast
 from sslcli.methods.base import Method
@@ -53,6 +53,7 @@ def train(
     total_steps = settings.epochs * steps_per_epoch
     step = start_epoch * steps_per_epoch
     params = [p for p in method.parameters() if p.requires_grad]
+    monitor = CollapseMonitor()
     with TrainProgress(total_steps, step) as progress:
         for epoch in range(start_epoch, settings.epochs):
             model.train()
@@ -83,9 +84,11 @@ def train(
                     if not math.isfinite(loss):
                         raise NonFiniteLoss(f"loss became {loss} at step {step}; lower --lr or use --set precision=fp32")
                     ips = seen / (time.perf_counter() - tick)
+                    health = monitor(out.embedding, step)  # embed_std, embed_rank (+ a warning on collapse)
                     logs = {k: float(v) for k, v in out.logs.items()}
-                    metrics.write(epoch=epoch, step=step, loss=loss, lr=lr, wd=wd, img_per_s=round(ips, 1), **logs)
-                    progress.update(epoch=epoch, loss=loss, lr=lr, ips=ips)
+                    metrics.write(epoch=epoch, step=step, loss=loss, lr=lr, wd=wd, img_per_s=round(ips, 1), **health,
+                                  **logs)
+                    progress.update(epoch=epoch, loss=loss, lr=lr, ips=ips, **health)
                     loss_sum.zero_()
                     loss_count = 0
                 progress.update(advance=1)

@@ -110,7 +110,7 @@ def _weights_path(source: Path) -> tuple[Path, Path | None]:
 def _built_input_size(spec: EncoderSpec) -> int | None:
     """The input size a fixed-size model (ViT, ...) was built for; None when any size works."""
     cfg = timm.models.get_pretrained_cfg(spec.timm_name)
-    if cfg is None or not cfg.fixed_input_size:
+    if cfg is None or not cfg.fixed_input_size or spec.timm_kwargs.get("dynamic_img_size"):
         return None
     size = spec.timm_kwargs.get("img_size", cfg.input_size[-1])
     return int(size if isinstance(size, int) else size[-1])

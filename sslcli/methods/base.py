@@ -3,12 +3,13 @@
 A method is an ``nn.Module`` built from an :class:`~sslcli.models.encoders.Encoder` plus its
 keyword hyper-parameters (the recipe's ``method_args``).  The training loop only ever calls:
 
+- ``before_epoch(epoch, dataset_features)`` before each epoch (DeepCluster's clustering);
 - ``forward(views, batch) -> StepOutput`` with the loss to minimise;
 - ``before_optimizer_step(progress)`` between backward (and clipping) and the optimiser step
   (DINO / SwAV cancel the gradients of a layer they keep frozen early in training);
 - ``after_step(progress)`` after each optimiser step (EMA updates, queue bookkeeping);
 - ``param_groups()`` once, to build the optimiser;
-- ``backbone`` for export and evaluation.
+- ``backbone`` for evaluation, and ``export_backbone()`` for export (the backbone or a teacher's copy).
 """
 
 from __future__ import annotations
@@ -51,6 +52,12 @@ class Method(nn.Module, abc.ABC):
     def forward(self, views: list[torch.Tensor], batch: dict[str, Any]) -> StepOutput:
         """One training step's loss from the augmented ``views`` (``[B, C, H, W]`` each)."""
 
+    def before_epoch(self, epoch: int, dataset_features: Callable[[nn.Module], torch.Tensor]) -> list[nn.Parameter]:
+        """Called before each epoch's data; returns parameters it re-initialised (their optimiser state
+        is dropped).  ``dataset_features(module)`` gives ``module``'s outputs ``[N, D]`` on every training
+        image (centre crop, eval mode, sample-index order): DeepCluster clusters them."""
+        return []
+
     def before_optimizer_step(self, progress: float) -> None:
         """Called once gradients are final (after clipping), before the optimiser uses them;
         ``progress`` = fraction of training done before this step."""
@@ -69,6 +76,11 @@ class Method(nn.Module, abc.ABC):
         """Sample fields beyond the image (e.g. ``{"depth.png": 1}``, field -> channels) that the
         loader crops and flips with the image and appends to ``views`` (see ``augment.MultiView``)."""
         return {}
+
+    def export_backbone(self) -> Encoder:
+        """The backbone written to ``encoder.safetensors``: ``self.backbone``, or an EMA teacher's copy
+        for a method that offers it on request (DINO's ``export: teacher``, what its paper evaluates)."""
+        return self.backbone
 
     def export_metadata(self) -> dict[str, Any]:
         """Entries overriding the recipe's in the exported backbone's metadata, for a backbone that

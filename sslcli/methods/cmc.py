@@ -153,7 +153,7 @@ class CMC(Method):
             logs["pos_sim"] = torch.stack([(feats[a] * positives[b]).sum(1).mean() for a, b in pairs]).mean()
             logs["noise_sim"] = torch.stack([(feats[a] @ noise[b].T).mean() for a, b in pairs]).mean()
             logs["collapse_std"] = collapse_std(feats[0])
-        return StepOutput(total, logs)
+        return StepOutput(total, logs, embedding=feats[0])
 
     def extra_fields(self) -> dict[str, int]:
         return dict(self.extra)

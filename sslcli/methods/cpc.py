@@ -70,7 +70,7 @@ class CPC(Method):
             keys = dist.gather_with_grad(targets.reshape(b * g * g, -1))  # negatives from every rank
             for k, pred in zip(self.offsets, preds):
                 loss = loss + cpc_info_nce(pred * self.emb_scale, targets, k, keys, offset=dist.rank() * b * g * g)
-        return StepOutput(loss, {"z_std": collapse_std(h)})
+        return StepOutput(loss, {"z_std": collapse_std(h)}, embedding=h)
 
     def describe(self) -> dict[str, str]:
         return {"patches": f"{self.grid} x {self.grid} grid of {self.patch_size}-px patches",

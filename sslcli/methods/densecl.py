@@ -98,7 +98,7 @@ class DenseCL(Method):
             self._reported = True
             info(f"  dense locations per view: {match.shape[1]}" + ("" if match.shape[1] > 1 else
                  " (a 1x1 map: the dense loss is only a second global loss; use larger crops)"))
-        return StepOutput(loss, logs)
+        return StepOutput(loss, logs, embedding=q)
 
     def after_step(self, progress: float) -> None:
         m = schedule(progress, 1.0, start=self.momentum, end=self.momentum_end)

@@ -63,7 +63,7 @@ class InstDisc(Method):
         with torch.no_grad():
             logs = {"collapse_std": collapse_std(f), "pos_sim": (f * positives).sum(1).mean(),
                     "noise_sim": (f @ noise.T).mean(), "log_z": self.partition.log()}
-        return StepOutput(loss, logs)
+        return StepOutput(loss, logs, embedding=f)
 
     def describe(self) -> dict[str, str]:
         return {"memory_bank": f"{self.bank.size} x {self.bank.dim}", "noise_samples": str(self.num_noise)}

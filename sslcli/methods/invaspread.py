@@ -48,4 +48,4 @@ class InvaSpread(Method):
         f, f_hat = z.chunk(2)
         loss = invaspread_loss(f, f_hat, self.temperature, keys=dist.gather_no_grad(f),
                                keys_hat=dist.gather_no_grad(f_hat), offset=dist.rank() * f.shape[0])
-        return StepOutput(loss, {"z_std": collapse_std(z)})
+        return StepOutput(loss, {"z_std": collapse_std(z)}, embedding=f)

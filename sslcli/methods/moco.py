@@ -59,7 +59,7 @@ class MoCo(Method):
             loss = (loss + info_nce(q2, k1, negatives, self.temperature)) / 2
             keys = torch.cat([k1, k2])
         self.queue.enqueue(dist.gather_no_grad(keys))
-        return StepOutput(loss, {"q_std": collapse_std(q1), "k_std": collapse_std(keys)})
+        return StepOutput(loss, {"q_std": collapse_std(q1), "k_std": collapse_std(keys)}, embedding=q1)
 
     def after_step(self, progress: float) -> None:
         m = schedule(progress, 1.0, start=self.momentum, end=self.momentum_end)

@@ -53,7 +53,7 @@ class MoCoV3(Method):
         with torch.no_grad():
             k1, k2 = self.momentum_encoder(x1), self.momentum_encoder(x2)
         loss = self.ctr(q1, k2) + self.ctr(q2, k1)
-        return StepOutput(loss, {"q_std": collapse_std(q1), "k_std": collapse_std(k1)})
+        return StepOutput(loss, {"q_std": collapse_std(q1), "k_std": collapse_std(k1)}, embedding=q1)
 
     def after_step(self, progress: float) -> None:
         ema_update_(self.momentum_encoder, self.base, schedule(progress, 1.0, start=self.momentum, end=self.momentum_end))

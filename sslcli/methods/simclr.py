@@ -34,4 +34,4 @@ class SimCLR(Method):
         z1, z2 = self.projector(self.backbone(x1)), self.projector(self.backbone(x2))
         loss = nt_xent(z1, z2, self.temperature, keys1=dist.gather_with_grad(z1), keys2=dist.gather_with_grad(z2),
                        offset=dist.rank() * z1.shape[0])
-        return StepOutput(loss, {"z_std": collapse_std(z1)})
+        return StepOutput(loss, {"z_std": collapse_std(z1)}, embedding=z1)

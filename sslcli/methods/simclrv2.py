@@ -52,7 +52,7 @@ class SimCLRV2(SimCLR):
                 k1, k2 = F.normalize(self.memory_net(torch.cat([x1, x2])).float(), dim=1).chunk(2)
             # View by view, so the queue's order does not depend on how the batch is split across ranks.
             self.memory.enqueue(torch.cat([dist.gather_no_grad(k1), dist.gather_no_grad(k2)]))
-        return StepOutput(loss, {"z_std": collapse_std(z1)})
+        return StepOutput(loss, {"z_std": collapse_std(z1)}, embedding=z1)
 
     def after_step(self, progress: float) -> None:
         # The online pair as one module, so its parameter list lines up with the memory network's.

@@ -56,11 +56,14 @@ class EncoderSpec:
         return timm.create_model(self.timm_name, pretrained=False, num_classes=0, **self.timm_kwargs)
 
 
-def resolve_arch(arch: str, img_size: int | None = None) -> EncoderSpec:
+def resolve_arch(arch: str, img_size: int | None = None, *, any_size: bool = False) -> EncoderSpec:
     """Maps an alias or any timm model name to an :class:`EncoderSpec`.
 
     Models whose timm config declares a fixed input size (ViT, Swin, ...) are built for
-    ``img_size`` so their positional embeddings match the crops they will see.
+    ``img_size`` so their positional embeddings match the crops they will see.  ``any_size``
+    (multi-crop: 96-px local crops next to 224-px global ones) also sets timm's
+    ``dynamic_img_size``, which interpolates the positional embeddings to each input's patch
+    grid, as DINO's ``interpolate_pos_encoding`` does; the weights are the same either way.
     """
     if arch in ALIASES:
         timm_name, kwargs = ALIASES[arch]
@@ -75,6 +78,8 @@ def resolve_arch(arch: str, img_size: int | None = None) -> EncoderSpec:
     cfg = timm.models.get_pretrained_cfg(timm_name)
     if img_size is not None and cfg is not None and cfg.fixed_input_size:
         kwargs["img_size"] = img_size
+        if any_size:
+            kwargs["dynamic_img_size"] = True
     return EncoderSpec(arch=arch, timm_name=timm_name, timm_kwargs=kwargs)
 
 
@@ -107,5 +112,12 @@ class Encoder(nn.Module):
         return self.model.forward_features(x)
 
 
-def create_encoder(arch: str, img_size: int | None = None) -> Encoder:
-    return Encoder(resolve_arch(arch, img_size))
+def create_encoder(arch: str, img_size: int | None = None, *, any_size: bool = False) -> Encoder:
+    spec = resolve_arch(arch, img_size, any_size=any_size)
+    try:
+        return Encoder(spec)
+    except TypeError as err:  # a fixed-size model that timm cannot interpolate (no dynamic_img_size)
+        if "dynamic_img_size" not in str(err):
+            raise
+        raise UserError(f"{arch} takes {img_size}-px inputs only, but the views have several sizes; "
+                        "use one view size or a ViT") from None

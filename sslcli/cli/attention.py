@@ -1,0 +1,51 @@
+"""`sslcli attention SOURCE IMAGES... --out DIR`: DINO's CLS self-attention maps, one PNG per image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from sslcli.cli.options import Device
+
+
+def attention_command(
+    source: Annotated[str, typer.Argument(
+        help="A ViT's run directory (uses RUN/encoder.safetensors) or exported .safetensors file.")],
+    images: Annotated[list[str], typer.Argument(
+        help="Image files, folders of images or datasets (shards); each folder or dataset gives --limit images.")],
+    out: Annotated[Path, typer.Option("--out", help="Directory for the PNGs (created).")] = Path("attention"),
+    split: Annotated[str, typer.Option("--split", help="Split of a dataset argument.")] = "test",
+    limit: Annotated[int, typer.Option("--limit", help="Images taken from each folder or dataset.")] = 8,
+    image_size: Annotated[int | None, typer.Option(
+        "--image-size", help="Input resolution; default: SOURCE's (other sizes need a ViT trained with multi-crop).",
+        show_default=False)] = None,
+    zoom: Annotated[int | None, typer.Option(
+        "--zoom", help="Enlarge each tile this many times; default: about 224 px a tile.", show_default=False)] = None,
+    device: Device = "auto",
+) -> None:
+    """Self-attention of the CLS token in the last block, per head, next to each image (DINO, Fig. 1)."""
+    from rich.console import Console
+
+    from sslcli.engine.device import resolve_device
+    from sslcli.errors import UserError
+    from sslcli.evaluation import resolve_encoder
+    from sslcli.evaluation.attention import iter_images, last_attention_module, write_attention_maps
+
+    if limit < 1:
+        raise UserError(f"--limit must be at least 1, got {limit}")
+    if zoom is not None and zoom < 1:
+        raise UserError(f"--zoom must be at least 1, got {zoom}")
+    encoder, info = resolve_encoder(source, arch=None, random_init=False, image_size=image_size)
+    last_attention_module(encoder.model, f"'{source}' ({info.arch})")  # a ResNet fails here, before any image
+    written = write_attention_maps(encoder, iter_images(images, info.transform(), split=split, limit=limit), out,
+                                   mean=info.mean, std=info.std, device=resolve_device(device), zoom=zoom,
+                                   name=f"'{source}' ({info.arch})")
+    heads = last_attention_module(encoder.model, info.arch).num_heads
+    Console().print(f"wrote {len(written)} PNG(s) to {out}: the image, then the CLS attention of each of the "
+                    f"{heads} heads of the last block ({info.name})", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("attention")(attention_command)
