@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sslcli.config import build_config
-from sslcli.engine.metrics import CollapseMonitor
+from sslcli.engine.metrics import CollapseMonitor, TrainProgress
 from sslcli.losses import distribution_entropy, effective_rank
 from sslcli.pretrain import pretrain
 
@@ -87,3 +87,12 @@ def test_simsiam_without_stop_gradient_collapses_and_the_loop_warns(synth_data: 
     assert max(r["loss"] for r in late_collapsed) < min(r["loss"] for r in late_healthy)
     assert max(r["embed_rank"] for r in late_collapsed) < min(r["embed_rank"] for r in late_healthy) / 3
     assert max(r["embed_std"] for r in late_collapsed) < min(r["embed_std"] for r in late_healthy)
+
+
+def test_progress_bar_shows_the_monitors_and_dino_swav_entropies() -> None:
+    progress = TrainProgress(total_steps=10, done_steps=0)
+    progress.update(epoch=0, loss=1.0, lr=0.1, ips=5.0, embed_std=0.0312, embed_rank=17.04,
+                    teacher_entropy=6.1986, student_entropy=6.631)
+    assert progress.bar.tasks[0].fields["health"] == "  std 0.031 rank 17.0 H_t 6.20 H_s 6.63"
+    progress.update(epoch=0, loss=1.0, lr=0.1, ips=5.0, embed_std=0.0312, embed_rank=17.04)
+    assert progress.bar.tasks[0].fields["health"] == "  std 0.031 rank 17.0"

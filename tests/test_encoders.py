@@ -56,3 +56,11 @@ def test_load_refuses_mismatched_arch_and_foreign_files(tmp_path) -> None:
         load_encoder(bogus)
     with pytest.raises(UserError, match="does not exist"):
         load_encoder(tmp_path / "missing.safetensors")
+
+
+def test_resnets_zero_init_each_residual_blocks_last_bn() -> None:
+    # SimSiam's and BYOL's official ResNets use zero_init_residual; the recipes rely on timm doing the same.
+    encoder = create_encoder("resnet18")
+    last_bns = [m.bn2 for m in encoder.modules() if type(m).__name__ == "BasicBlock"]
+    assert len(last_bns) == 8 and all(float(bn.weight.abs().max()) == 0.0 for bn in last_bns)
+    assert all(float(m.bn1.weight.abs().min()) == 1.0 for m in encoder.modules() if type(m).__name__ == "BasicBlock")

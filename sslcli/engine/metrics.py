@@ -64,7 +64,12 @@ class TrainProgress:
 
     def update(self, advance: int = 0, **fields: Any) -> None:
         if "embed_std" in fields:
-            fields["health"] = f"  std {fields.pop('embed_std'):.3f} rank {fields.pop('embed_rank'):.1f}"
+            health = f"  std {fields.pop('embed_std'):.3f} rank {fields.pop('embed_rank'):.1f}"
+            # DINO / SwAV: entropy of the teacher's (codes') and the student's distributions, log K = uniform.
+            for key, short in (("teacher_entropy", "H_t"), ("student_entropy", "H_s")):
+                if key in fields:
+                    health += f" {short} {fields.pop(key):.2f}"
+            fields["health"] = health
         self.bar.update(self.task, advance=advance, **fields)
 
 

@@ -88,7 +88,8 @@ def train(
                     logs = {k: float(v) for k, v in out.logs.items()}
                     metrics.write(epoch=epoch, step=step, loss=loss, lr=lr, wd=wd, img_per_s=round(ips, 1), **health,
                                   **logs)
-                    progress.update(epoch=epoch, loss=loss, lr=lr, ips=ips, **health)
+                    entropies = {k: v for k, v in logs.items() if k in ("teacher_entropy", "student_entropy")}
+                    progress.update(epoch=epoch, loss=loss, lr=lr, ips=ips, **health, **entropies)
                     loss_sum.zero_()
                     loss_count = 0
                 progress.update(advance=1)
