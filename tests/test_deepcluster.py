@@ -115,6 +115,29 @@ def test_pseudo_labels_weights_and_reinitialised_classifier() -> None:
     assert out.embedding.shape == (4, 16)
 
 
+def test_reassign_every_keeps_labels_and_top_layer_between_clusterings() -> None:
+    torch.manual_seed(0)
+    method = _method(reassign_every=2)
+    images = torch.randn(24, 3, 32, 32)
+    calls: list[int] = []
+
+    def features(module: torch.nn.Module) -> torch.Tensor:
+        calls.append(1)
+        return module.eval()(images).detach()
+
+    assert method.before_epoch(0, features) == list(method.top.parameters())
+    labels, top = method.pseudo_labels.clone(), method.top.weight.detach().clone()
+    with torch.no_grad():
+        method.top.weight.add_(1.0)  # as if trained during epoch 0
+    assert method.before_epoch(1, features) == [] and len(calls) == 1
+    assert torch.equal(method.pseudo_labels, labels) and torch.equal(method.top.weight, top + 1.0)
+    assert method.before_epoch(2, features) == list(method.top.parameters()) and len(calls) == 2
+    assert method.top.weight.std() < 0.05  # re-initialised with the new clusters
+    # A resumed run that starts on an off epoch without labels clusters anyway.
+    fresh = _method(reassign_every=2)
+    assert fresh.before_epoch(3, features) == list(fresh.top.parameters()) and (fresh.pseudo_labels >= 0).all()
+
+
 def test_rgb_input_bad_arguments_and_missing_labels() -> None:
     method = _method(sobel=False)
     assert method.backbone.spec.timm_kwargs.get("in_chans", 3) == 3 and method.export_metadata() == {}

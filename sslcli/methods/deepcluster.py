@@ -57,12 +57,14 @@ class DeepCluster(Method):
 
     def __init__(self, encoder: Encoder, num_samples: int, augment: AugmentConfig | None = None,
                  num_clusters: int = 10000, pca_dim: int = 256, mlp_hidden: int = 4096, mlp_layers: int = 2,
-                 kmeans_iterations: int = 20, sobel: bool = True, uniform_clusters: bool = True) -> None:
+                 kmeans_iterations: int = 20, sobel: bool = True, uniform_clusters: bool = True,
+                 reassign_every: int = 1) -> None:
         if not 2 <= num_clusters <= num_samples:
             raise UserError(f"method_args.num_clusters must be between 2 and the {num_samples} training images, "
                             f"got {num_clusters}")
-        if mlp_layers < 0 or pca_dim < 1:
-            raise UserError(f"method_args.mlp_layers must be >= 0 and pca_dim >= 1, got {mlp_layers}, {pca_dim}")
+        if mlp_layers < 0 or pca_dim < 1 or reassign_every < 1:
+            raise UserError(f"method_args.mlp_layers must be >= 0, pca_dim >= 1 and reassign_every >= 1, got "
+                            f"{mlp_layers}, {pca_dim}, {reassign_every}")
         self.input_space = "sobel" if sobel else "rgb"
         if sobel:
             encoder = build_view_encoder(view_spec(encoder.spec, 2), encoder)
@@ -74,7 +76,7 @@ class DeepCluster(Method):
                              + [(mlp_hidden, None, None)] * min(mlp_layers, 1))
         self.top = nn.Linear(mlp_hidden if mlp_layers else encoder.dim, num_clusters)
         self.num_clusters, self.pca_dim, self.kmeans_iterations = num_clusters, pca_dim, kmeans_iterations
-        self.uniform_clusters = uniform_clusters
+        self.uniform_clusters, self.reassign_every = uniform_clusters, reassign_every
         self.register_buffer("pseudo_labels", torch.full((num_samples,), -1, dtype=torch.long))
         self.register_buffer("label_weights", torch.ones(num_clusters))
 
@@ -83,6 +85,10 @@ class DeepCluster(Method):
         return self.mlp(self.backbone(self.input_filter(x)))
 
     def before_epoch(self, epoch: int, dataset_features: Callable[[nn.Module], torch.Tensor]) -> list[nn.Parameter]:
+        # The official code's --reassign: epochs of training between two clusterings (1 in the paper). On a
+        # small dataset an epoch is too few steps for the new top layer to fit its clusters.
+        if epoch % self.reassign_every and bool((self.pseudo_labels >= 0).all()):
+            return []
         feats = dataset_features(_Features(self))  # [N, d] in sample-index order
         x = pca_whiten(feats, self.pca_dim)
         _, labels = kmeans(x.to(self.pseudo_labels.device), self.num_clusters, iterations=self.kmeans_iterations,
@@ -118,7 +124,8 @@ class DeepCluster(Method):
         return {"input_space": self.input_space, "mean": [0.0, 0.0], "std": [1.0, 1.0]}
 
     def describe(self) -> dict[str, str]:
-        return {"clusters": f"k-means k={self.num_clusters} on PCA-{self.pca_dim} whitened features, every epoch",
+        every = "every epoch" if self.reassign_every == 1 else f"every {self.reassign_every} epochs"
+        return {"clusters": f"k-means k={self.num_clusters} on PCA-{self.pca_dim} whitened features, {every}",
                 "input": self.input_space, "sampling": "uniform over clusters (loss weights)"
                 if self.uniform_clusters else "uniform over images"}
 
