@@ -3,9 +3,6 @@ global-batch cross-correlation (2 gloo ranks equal 1 process, loss and gradients
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,15 +15,7 @@ from sslcli.losses import barlow_twins_loss
 from sslcli.methods import build_method
 from sslcli.models.encoders import create_encoder
 
-SCRIPTS = Path(__file__).parent / "dist"
-
-
-def _torchrun(script: str, *args: str, nproc: int = 2) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(SCRIPTS / script), *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+from dist_launch import run_single, torchrun
 
 
 def _reference_loss(z1: list[list[float]], z2: list[list[float]], lambd: float, eps: float = 1e-5) -> float:
@@ -58,10 +47,12 @@ def test_loss_matches_explicit_loops() -> None:
 
 
 def test_identical_decorrelated_views_have_zero_loss_and_shift_scale_do_not_matter() -> None:
-    q, _ = torch.linalg.qr(torch.randn(64, 8, dtype=torch.float64))
-    z = (q - q.mean(0)) * 10 + 3  # decorrelated columns, any scale and offset
-    assert float(barlow_twins_loss(z, 2 * z + 1)) == pytest.approx(0.0, abs=1e-4)
     g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 8, dtype=torch.float64, generator=g)
+    # QR of centred columns: orthonormal columns that stay zero-mean, i.e. exactly decorrelated
+    q, _ = torch.linalg.qr(x - x.mean(0))
+    z = q * 10 + 3  # any scale and offset
+    assert float(barlow_twins_loss(z, 2 * z + 1)) == pytest.approx(0.0, abs=1e-6)
     z1, z2 = torch.randn(16, 4, generator=g), torch.randn(16, 4, generator=g)
     assert torch.allclose(barlow_twins_loss(z1, z2), barlow_twins_loss(5 * z1 - 2, z2 + 7), atol=1e-4)
 
@@ -89,12 +80,13 @@ def test_two_ranks_equal_one_rank(tmp_path: Path) -> None:
     """Statistics and C over the global batch: the 2-rank loss and gradients are the 1-process ones."""
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
     args = json.dumps({"proj_hidden": 32, "proj_dim": 16, "lambd": 0.05})
-    subprocess.run([sys.executable, str(SCRIPTS / "step_equivalence.py"), "barlowtwins", args, str(one)], check=True,
-                   timeout=300)
-    _torchrun("step_equivalence.py", "barlowtwins", args, str(two))
+    run_single("step_equivalence.py", "barlowtwins", args, str(one))
+    torchrun("step_equivalence.py", "barlowtwins", args, str(two))
     a, b = torch.load(one), torch.load(two)
     assert (a["world"], b["world"]) == (1, 2)
     assert torch.allclose(a["loss"], b["loss"], atol=1e-5)
     assert a["grads"].keys() == b["grads"].keys() and len(a["grads"]) > 10
     for key in a["grads"]:
-        assert torch.allclose(a["grads"][key], b["grads"][key], rtol=1e-4, atol=1e-6), key
+        # float32 noise scales with the tensor's magnitude (entries up to ~60 sit beside exact zeros)
+        scale = 1 + float(a["grads"][key].abs().max())
+        assert torch.allclose(a["grads"][key], b["grads"][key], rtol=1e-4, atol=1e-6 * scale), key

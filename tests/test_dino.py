@@ -4,9 +4,6 @@ teacher export, and the CLS attention maps of `sslcli attention`."""
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,8 +23,9 @@ from sslcli.methods import build_method
 from sslcli.models.dino_head import DINOHead
 from sslcli.models.encoders import create_encoder
 
+from dist_launch import run_single, torchrun
+
 runner = CliRunner()
-SCRIPTS = Path(__file__).parent / "dist"
 SMALL = {"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16}
 
 
@@ -105,18 +103,10 @@ def test_center_update_arithmetic() -> None:
     assert torch.equal(center, torch.tensor([[1.0, -2.0, 0.5]]))  # a new tensor: the input is untouched
 
 
-def _torchrun(script: str, *args: str, nproc: int = 2) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(SCRIPTS / script), *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-
 def test_two_ranks_equal_one_rank_centre_loss_and_gradients(tmp_path: Path) -> None:
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
-    subprocess.run([sys.executable, str(SCRIPTS / "dino_step.py"), str(one)], check=True, timeout=300)
-    _torchrun("dino_step.py", str(two))
+    run_single("dino_step.py", str(one))
+    torchrun("dino_step.py", str(two))
     a, b = torch.load(one), torch.load(two)
     assert a["world"] == 1 and b["world"] == 2
     # Without the all-reduce each rank would hold the centre of its own half of the batch.
@@ -175,6 +165,9 @@ def test_teacher_temperature_warms_up_linearly_over_30_epochs(progress: float, t
     method.after_step(progress)
     assert math.isclose(method.current_teacher_temp(), temperature, rel_tol=1e-6)
     assert float(method.state_dict()["progress"]) == pytest.approx(progress)  # in checkpoints, for --resume
+    resumed = build_method("dino", create_encoder("resnet18"), SMALL, epochs=100)
+    resumed.load_state_dict(method.state_dict())  # as --resume does: the host copy follows the buffer
+    assert math.isclose(resumed.current_teacher_temp(), temperature, rel_tol=1e-6)
 
 
 def test_last_layer_gets_no_update_in_the_first_epoch_only() -> None:

@@ -1,9 +1,6 @@
 """Real multi-process behaviour with gloo: 2 ranks x B/2 must equal 1 rank x B."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,15 +8,7 @@ import torch
 
 from sslcli import distributed as dist
 
-SCRIPTS = Path(__file__).parent / "dist"
-
-
-def _torchrun(script: str, *args: str, nproc: int = 2) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(SCRIPTS / script), *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+from dist_launch import run_single, torchrun
 
 
 def test_single_process_helpers_are_identities() -> None:
@@ -42,9 +31,8 @@ EQUIVALENT_STEPS = {
 def test_two_ranks_equal_one_rank(name: str, tmp_path: Path) -> None:
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
     args = json.dumps(EQUIVALENT_STEPS[name])
-    subprocess.run([sys.executable, str(SCRIPTS / "step_equivalence.py"), name, args, str(one)], check=True,
-                   timeout=300)
-    _torchrun("step_equivalence.py", name, args, str(two))
+    run_single("step_equivalence.py", name, args, str(one))
+    torchrun("step_equivalence.py", name, args, str(two))
     a, b = torch.load(one), torch.load(two)
     assert a["world"] == 1 and b["world"] == 2
     assert torch.allclose(a["loss"], b["loss"], atol=1e-5)
@@ -59,7 +47,7 @@ def test_two_ranks_equal_one_rank(name: str, tmp_path: Path) -> None:
 
 def test_shuffle_bn_across_two_ranks(tmp_path: Path) -> None:
     out = tmp_path / "shuffle.pt"
-    _torchrun("shuffle_bn_check.py", str(out))
+    torchrun("shuffle_bn_check.py", str(out))
     both = torch.load(out)
     assert both[:, 0].tolist() == [1.0, 1.0]  # outputs come back in each rank's own row order
     # Plain per-rank BN would give every rank zero-mean outputs; shuffled BN normalises each rank's rows

@@ -1,27 +1,16 @@
 """The memory bank across 2 real gloo ranks: 2 ranks x B/2 leave the same bank as 1 rank x B."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
-SCRIPTS = Path(__file__).parent / "dist"
-
-
-def _torchrun(script: str, *args: str, nproc: int = 2) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(SCRIPTS / script), *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+from dist_launch import run_single, torchrun
 
 
 def test_instdisc_bank_two_ranks_equal_one_rank(tmp_path: Path) -> None:
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
-    subprocess.run([sys.executable, str(SCRIPTS / "memory_bank_equivalence.py"), str(one)], check=True, timeout=300)
-    _torchrun("memory_bank_equivalence.py", str(two))
+    run_single("memory_bank_equivalence.py", str(one))
+    torchrun("memory_bank_equivalence.py", str(two))
     a, b = torch.load(one), torch.load(two)
     assert a["world"] == 1 and b["world"] == 2
     assert torch.allclose(a["bank"], b["bank"], atol=1e-5)

@@ -1,9 +1,6 @@
 """SwAV: Sinkhorn-Knopp codes, the swapped-prediction loss, the method's prototypes and queue, 2 ranks = 1 rank."""
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +15,8 @@ from sslcli.losses import swav_loss
 from sslcli.methods import build_method
 from sslcli.models.encoders import create_encoder
 
-SCRIPTS = Path(__file__).parent / "dist"
+from dist_launch import run_single, torchrun
+
 TINY = {"proj_hidden": 32, "proj_dim": 16, "num_prototypes": 10}
 
 
@@ -185,12 +183,8 @@ def test_a_single_crop_is_a_user_error() -> None:
 
 def test_two_ranks_equal_one_rank(tmp_path: Path) -> None:
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, str(SCRIPTS / "swav_equivalence.py"), str(one)], check=True, timeout=300, env=env)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(SCRIPTS / "swav_equivalence.py"), str(two)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_single("swav_equivalence.py", str(one))
+    torchrun("swav_equivalence.py", str(two))
     a, b = torch.load(one), torch.load(two)
     assert a["world"] == 1 and b["world"] == 2
     # Q of the global batch split over 2 ranks = Q of the whole batch in one process.

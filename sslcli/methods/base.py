@@ -52,6 +52,19 @@ class Method(nn.Module, abc.ABC):
     def forward(self, views: list[torch.Tensor], batch: dict[str, Any]) -> StepOutput:
         """One training step's loss from the augmented ``views`` (``[B, C, H, W]`` each)."""
 
+    def track_progress(self) -> None:
+        """For a method whose ``forward`` depends on how far training is (DINO's teacher temperature,
+        SwAV's queue start). The fraction done lives in a ``progress`` buffer, so checkpoints carry it
+        and ``--resume`` restores it, mirrored in ``self.done`` on the host: reading it in ``forward``
+        costs no device sync per step. ``after_step`` keeps both current with :meth:`record_progress`."""
+        self.register_buffer("progress", torch.zeros(()))
+        self.done = 0.0
+        self.register_load_state_dict_post_hook(lambda module, _: setattr(module, "done", float(module.progress)))
+
+    def record_progress(self, progress: float) -> None:
+        self.done = progress
+        self.progress.fill_(progress)
+
     def before_epoch(self, epoch: int, dataset_features: Callable[[nn.Module], torch.Tensor]) -> list[nn.Parameter]:
         """Called before each epoch's data; returns parameters it re-initialised (their optimiser state
         is dropped).  ``dataset_features(module)`` gives ``module``'s outputs ``[N, D]`` on every training

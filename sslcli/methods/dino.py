@@ -57,11 +57,10 @@ class DINO(Method):
         self.student = torch.nn.Sequential(encoder, self.head)
         self.teacher = make_target(self.student)
         self.register_buffer("center", torch.zeros(1, out_dim))
-        # Training progress as a buffer: the temperature of the first step after --resume is then right.
-        self.register_buffer("progress", torch.zeros(()))
+        self.track_progress()  # the temperature of the first step after --resume is then right
 
     def current_teacher_temp(self) -> float:
-        epoch = float(self.progress) * self.epochs
+        epoch = self.done * self.epochs
         return schedule(epoch, self.epochs, start=self.teacher_temp, warmup=self.warmup_teacher_temp_epochs,
                         warmup_from=self.warmup_teacher_temp, kind="constant")
 
@@ -93,7 +92,7 @@ class DINO(Method):
                 p.grad = None
 
     def after_step(self, progress: float) -> None:
-        self.progress.fill_(progress)
+        self.record_progress(progress)
         ema_update_(self.teacher, self.student, schedule(progress, 1.0, start=self.momentum, end=self.momentum_end))
 
     def export_backbone(self) -> Encoder:

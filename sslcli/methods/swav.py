@@ -61,9 +61,9 @@ class SwAV(Method):
         self.prototypes = nn.Linear(proj_dim, num_prototypes, bias=False)
         self.queues = nn.ModuleList([FeatureQueue(queue_length, proj_dim) for _ in range(self.code_crops)]
                                     if queue_length > 0 else [])
-        # Embeddings queued so far (the queue joins Sinkhorn once full) and the last reported progress.
+        # Embeddings queued so far: the queue joins Sinkhorn once full.
         self.register_buffer("queued", torch.zeros((), dtype=torch.long))
-        self.register_buffer("progress", torch.zeros(()))
+        self.track_progress()
 
     def epoch(self, progress: float) -> float:
         """The current (fractional) epoch; without the run's length every epoch setting counts as passed."""
@@ -88,7 +88,7 @@ class SwAV(Method):
         """Sinkhorn codes ``[B, K]`` of each global crop, the queued embeddings' scores prepended when full."""
         batch = scores[0].shape[0]
         use_queue = bool(self.queues) and int(self.queued) >= self.queues[0].size
-        fill_queue = bool(self.queues) and self.epoch(float(self.progress)) >= self.queue_start_epoch
+        fill_queue = bool(self.queues) and self.epoch(self.done) >= self.queue_start_epoch
         codes = []
         for i, s in enumerate(scores):
             s = s.detach().float()
@@ -108,7 +108,7 @@ class SwAV(Method):
             self.prototypes.weight.grad = None
 
     def after_step(self, progress: float) -> None:
-        self.progress.fill_(progress)
+        self.record_progress(progress)
 
     def describe(self) -> dict[str, str]:
         queue = "off"

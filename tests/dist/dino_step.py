@@ -14,6 +14,7 @@ import torch
 from sslcli import distributed as dist
 from sslcli.methods import build_method
 from sslcli.models.encoders import create_encoder
+from sharded_step import sharded_step
 
 B = 8
 ARGS = {"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16, "freeze_last_layer": 0}
@@ -29,13 +30,7 @@ def main(out: Path) -> None:
     g = torch.Generator().manual_seed(1)
     views = [torch.randn(B, 3, 32, 32, generator=g) for _ in range(2)]
     views += [torch.randn(B, 3, 16, 16, generator=g) for _ in range(3)]
-    n = B // dist.world_size()
-    lo = dist.rank() * n
-    model = dist.wrap_ddp(method, torch.device("cpu"))
-    step = model([v[lo:lo + n] for v in views], {})
-    step.loss.backward()
-    grads = {k: p.grad.detach().clone() for k, p in method.named_parameters() if p.grad is not None}
-    loss = dist.all_reduce_mean(step.loss.detach())
+    loss, grads = sharded_step(method, views)
     if dist.is_main():
         torch.save({"loss": loss, "grads": grads, "center": method.center.clone(), "world": dist.world_size()}, out)
     dist.shutdown()

@@ -15,6 +15,7 @@ import torch
 from sslcli import distributed as dist
 from sslcli.methods import build_method
 from sslcli.models.encoders import create_encoder
+from sharded_step import sharded_step
 
 
 def main(name: str, method_args: dict, out: Path) -> None:
@@ -24,14 +25,7 @@ def main(name: str, method_args: dict, out: Path) -> None:
     method.eval()
     g = torch.Generator().manual_seed(1)
     x1, x2 = torch.randn(8, 3, 32, 32, generator=g), torch.randn(8, 3, 32, 32, generator=g)
-    n = 8 // dist.world_size()
-    lo = dist.rank() * n
-    batch = {"index": torch.arange(8)[lo:lo + n]}
-    model = dist.wrap_ddp(method, torch.device("cpu"))
-    out_step = model([x1[lo:lo + n], x2[lo:lo + n]], batch)
-    out_step.loss.backward()
-    loss = dist.all_reduce_mean(out_step.loss.detach())
-    grads = {k: p.grad.detach().clone() for k, p in method.named_parameters() if p.grad is not None}
+    loss, grads = sharded_step(method, [x1, x2], {"index": torch.arange(8)})
     buffers = {k: b.detach().clone() for k, b in method.named_buffers()}  # queues and banks after the update
     if dist.is_main():
         torch.save({"loss": loss, "grads": grads, "buffers": buffers, "world": dist.world_size()}, out)

@@ -15,17 +15,16 @@ from sslcli import distributed as dist
 from sslcli.engine.sinkhorn import sinkhorn
 from sslcli.methods import build_method
 from sslcli.models.encoders import create_encoder
+from sharded_step import local_rows, sharded_step
 
 B, K, QUEUE = 8, 6, 12
 
 
 def main(out: Path) -> None:
     dist.init_from_env(torch.device("cpu"))
-    n = B // dist.world_size()
-    lo = dist.rank() * n
     g = torch.Generator().manual_seed(1)
     scores = torch.randn(B, K, generator=g)
-    codes = dist.gather_no_grad(sinkhorn(scores[lo:lo + n], epsilon=0.1, iterations=3))
+    codes = dist.gather_no_grad(sinkhorn(scores[local_rows(B)], epsilon=0.1, iterations=3))
 
     torch.manual_seed(0)
     args = {"proj_hidden": 32, "proj_dim": 16, "num_prototypes": K, "queue_length": QUEUE, "queue_start_epoch": 0}
@@ -34,11 +33,7 @@ def main(out: Path) -> None:
     method.queued.fill_(QUEUE)  # a full queue: it joins Sinkhorn in this step
     views = [torch.randn(B, 3, 32, 32, generator=g) for _ in range(2)] + [torch.randn(B, 3, 16, 16, generator=g)
                                                                            for _ in range(2)]
-    model = dist.wrap_ddp(method, torch.device("cpu"))
-    step = model([v[lo:lo + n] for v in views], {})
-    step.loss.backward()
-    grads = {k: p.grad.detach().clone() for k, p in method.named_parameters() if p.grad is not None}
-    loss = dist.all_reduce_mean(step.loss.detach())
+    loss, grads = sharded_step(method, views)
     if dist.is_main():
         torch.save({"codes": codes, "loss": loss, "grads": grads, "queue": method.queues[0].keys.clone(),
                     "world": dist.world_size()}, out)

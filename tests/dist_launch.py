@@ -1,0 +1,29 @@
+"""Launching the scripts in tests/dist/: once as a plain process (1 rank x B) and once under torchrun
+(N real gloo ranks x B/N); the tests then compare what the two saved."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPTS = Path(__file__).parent / "dist"
+# One thread per process: two ranks on a 2-core machine would otherwise oversubscribe it.
+_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _run(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, env=_ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def run_single(script: str, *args: str) -> None:
+    """``tests/dist/<script> args...`` in one plain process (world size 1)."""
+    _run([sys.executable, str(SCRIPTS / script), *args])
+
+
+def torchrun(script: str, *args: str, nproc: int = 2) -> None:
+    """``tests/dist/<script> args...`` on ``nproc`` gloo ranks (torchrun --standalone)."""
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+          str(SCRIPTS / script), *args])
