@@ -111,6 +111,11 @@ def export_run(run: Path, out: Path, *, overwrite: bool = False, keep_proj_layer
     projector = run_projector(run, keep_proj_layers) if keep_proj_layers else None
     state = checkpoint.load(ckpt)
     cfg: PretrainConfig = from_dict(PretrainConfig, state["config"])
+    from sslcli.methods import get_method
+
+    if not get_method(cfg.method).has_backbone:
+        raise UserError(f"'{run}' is a {cfg.method} run, which trains no backbone to export; its product is the "
+                        "tokenizer.safetensors in the run directory")
     exported = state.get("export") or {}  # a backbone other than plain cfg.arch (CMC's L encoder)
     spec = (EncoderSpec(**exported["spec"]) if "spec" in exported
             else resolve_arch(cfg.arch, img_size=cfg.augment.eval_size))
@@ -181,16 +186,11 @@ def run_projector(run: Path, layers: int) -> torch.nn.Sequential:
     """The first ``layers`` blocks of the projector of a run's latest checkpoint (or of a .pt checkpoint)."""
     from sslcli.config import PretrainConfig, from_dict
     from sslcli.engine import checkpoint
-    from sslcli.methods import build_method
-    from sslcli.models.encoders import resolve_arch
+    from sslcli.runs import build_run_method, run_checkpoint
 
-    ckpt = run if run.is_file() else checkpoint.latest(run / "checkpoints")
-    if ckpt is None:
-        raise UserError(f"'{run}' has no checkpoints to take a projector from; train it with `sslcli pretrain` first")
-    state = checkpoint.load(ckpt)
+    state = checkpoint.load(run_checkpoint(run, "a projector is taken from a checkpoint"))
     cfg: PretrainConfig = from_dict(PretrainConfig, state["config"])
-    encoder = Encoder(resolve_arch(cfg.arch, img_size=cfg.augment.eval_size))
-    method = build_method(cfg.method, encoder, cfg.method_args, num_samples=1)
+    method = build_run_method(cfg)
     head = getattr(method, "projector", None)
     if not isinstance(head, torch.nn.Sequential):
         raise UserError(f"method {cfg.method} has no projector to keep; drop --keep-proj-layers "

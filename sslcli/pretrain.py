@@ -33,7 +33,7 @@ from sslcli.errors import UserError
 from sslcli.evaluation.features import extract_features
 from sslcli.export import encoder_metadata, save_encoder
 from sslcli.methods.base import build_method
-from sslcli.models.encoders import create_encoder
+from sslcli.runs import run_encoder
 
 STATUS_FILE = "run.json"
 
@@ -84,10 +84,10 @@ def pretrain(cfg: PretrainConfig, out: Path, *, device: str = "auto", resume: bo
 
     torch.manual_seed(cfg.seed + dist.rank())
     random.seed(cfg.seed + dist.rank())
-    # Multi-crop views of several sizes: a ViT interpolates its positional embeddings to each one.
-    encoder = create_encoder(cfg.arch, img_size=cfg.augment.eval_size,
-                             any_size=len({v.size for v in cfg.augment.views}) > 1)
+    encoder = run_encoder(cfg)
     if cfg.freeze_patch_embed:
+        if encoder is None:
+            raise UserError(f"--freeze-patch-embed needs a ViT backbone; {cfg.method} trains no backbone")
         encoder.freeze_patch_embed()
     # channels_last: measured ~15% faster for ResNets on CPU too; a no-op for linear layers.
     method = build_method(cfg.method, encoder, cfg.method_args, num_samples=source.num_samples, augment=cfg.augment,
@@ -111,15 +111,15 @@ def pretrain(cfg: PretrainConfig, out: Path, *, device: str = "auto", resume: bo
         start_epoch = state["epoch"] + 1
     elif dist.is_main():
         if overwrite and out.exists():
-            for stale in ("checkpoints", "results", "metrics.jsonl", "encoder.safetensors", STATUS_FILE):
-                target = out / stale
+            stale = [out / name for name in ("checkpoints", "results", "metrics.jsonl", STATUS_FILE)]
+            for target in stale + sorted(out.glob("*.safetensors")):  # the encoder, a tokenizer
                 shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     dist.barrier()
     _write_status(out, "running", epochs=cfg.epochs)
 
-    info(f"[bold]{cfg.method}[/] on {cfg.arch} | {source.num_samples} images from {cfg.data} | device {dev}"
+    info(f"[bold]{cfg.method}[/] on {cfg.arch if encoder is not None else 'its own networks'} | {source.num_samples} images from {cfg.data} | device {dev}"
          f" x{world} | batch {cfg.batch_size} | lr {base_lr:.3g} | precision {amp_dtype or torch.float32}")
     for key, value in method.describe().items():
         info(f"  {key}: {value}")
@@ -131,8 +131,9 @@ def pretrain(cfg: PretrainConfig, out: Path, *, device: str = "auto", resume: bo
     # What `sslcli export` needs to rebuild a backbone that is not plain `cfg.arch` (CMC's 1-channel L encoder),
     # and where the exported one lives in the checkpoint (`backbone`, or a teacher's copy such as DINO's).
     exported = method.export_backbone()
-    export_info = {"spec": dataclasses.asdict(exported.spec), "metadata": method.export_metadata(),
-                   "module": next(name for name, module in method.named_modules() if module is exported)}
+    export_info = {} if exported is None else {
+        "spec": dataclasses.asdict(exported.spec), "metadata": method.export_metadata(),
+        "module": next(name for name, module in method.named_modules() if module is exported)}
 
     features_transform = eval_transform(cfg.augment.eval_size, cfg.augment.eval_crop_pct, cfg.augment.mean,
                                         cfg.augment.std)
@@ -154,7 +155,9 @@ def pretrain(cfg: PretrainConfig, out: Path, *, device: str = "auto", resume: bo
             state = {"model": method.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                      "epoch": epoch, "rng": rng, "config": to_dict(cfg), "export": export_info}
             checkpoint.save_and_prune(state, out / "checkpoints", epoch, cfg.keep_checkpoints)
-            save_encoder(exported, out / "encoder.safetensors", encoder_metadata(exported, epochs=epoch + 1, **meta))
+            if exported is not None:
+                save_encoder(exported, out / "encoder.safetensors", encoder_metadata(exported, epochs=epoch + 1, **meta))
+            method.save_artifacts(out)
         dist.barrier()
 
     settings = LoopSettings(epochs=cfg.epochs, optim=cfg.optim, base_lr=base_lr, device=dev, amp_dtype=amp_dtype,
@@ -162,5 +165,8 @@ def pretrain(cfg: PretrainConfig, out: Path, *, device: str = "auto", resume: bo
     train(model, method, optimizer, scaler, loader_for_epoch, steps_per_epoch, settings, MetricsLog(out / "metrics.jsonl"),
           on_epoch_end, start_epoch=start_epoch)
     _write_status(out, "finished", epochs=cfg.epochs)
-    info(f"done: {out}/encoder.safetensors  (evaluate with `sslcli knn {out} --data {cfg.data}`)")
+    if exported is not None:
+        info(f"done: {out}/encoder.safetensors  (evaluate with `sslcli knn {out} --data {cfg.data}`)")
+    else:
+        info(f"done: {out}")
     return out

@@ -19,18 +19,39 @@ from sslcli.models.encoders import create_encoder
 from sslcli.pretrain import pretrain
 
 get_method("simclr")  # populate the registry before parametrisation
-TINY = {"arch": "resnet18", "epochs": 1, "batch_size": 64, "num_workers": 0}
+TINY = {"epochs": 1, "batch_size": 64, "num_workers": 0}  # on each small recipe's own backbone
+
+
+@pytest.fixture(scope="module")
+def tokenizer_run(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A dVAE tokenizer, trained for one epoch: beit's prerequisite (its stage 1)."""
+    cfg = build_config("dvae", "small", {**TINY, "data": str(synth_data)})
+    return pretrain(cfg, tmp_path_factory.mktemp("dvae") / "run", device="cpu")
+
+
+# Methods that train on the output of another run.
+PREREQUISITES = {"beit": lambda request: [f"method_args.tokenizer={request.getfixturevalue('tokenizer_run')}"]}
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_method_trains_and_exports(name: str, synth_data: Path, tmp_path: Path) -> None:
-    cfg = build_config(name, "small", {**TINY, "data": str(synth_data)}, ["log_every=1"])
+def test_method_trains_and_exports(name: str, synth_data: Path, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    extra = PREREQUISITES[name](request) if name in PREREQUISITES else []
+    cfg = build_config(name, "small", {**TINY, "data": str(synth_data)}, ["log_every=1", *extra])
     run = pretrain(cfg, tmp_path / name, device="cpu")
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 600 // 64 and all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
     # every method hands its output embedding to the collapse monitors (StepOutput.embedding)
     assert all(r["embed_std"] > 0 and r["embed_rank"] >= 1 for r in records)
     assert json.loads((run / "run.json").read_text())["status"] == "finished"
+    if not METHODS[name].has_backbone:  # a tokenizer: its file reloads and training changed it
+        from sslcli.models.dvae import DiscreteVAE, load_tokenizer
+
+        tokenizer, meta = load_tokenizer(run)
+        torch.manual_seed(cfg.seed)
+        init = DiscreteVAE(tokenizer.vocab, tokenizer.code_dim, tuple(tokenizer.widths)).state_dict()
+        assert all(not torch.equal(v, init[k]) for k, v in tokenizer.state_dict().items())
+        assert meta["image_size"] == str(cfg.augment.eval_size) and not (run / "encoder.safetensors").exists()
+        return
 
     path = run / "encoder.safetensors"
     with safe_open(str(path), "pt") as fh:
@@ -42,7 +63,7 @@ def test_method_trains_and_exports(name: str, synth_data: Path, tmp_path: Path) 
                              **json.loads(meta["timm_kwargs"])).state_dict()
     moved = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.equal(v, init[k])]
     assert len(moved) > len(init) // 2, "training did not change the backbone"
-    assert meta["method"] == name and meta["image_size"] == "32"
+    assert meta["method"] == name and meta["image_size"] == str(cfg.augment.eval_size)
 
 
 def test_moco_v1_and_v2_differ_only_in_head_and_temperature() -> None:

@@ -32,7 +32,7 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from sslcli.cli import attention, data, evaluate, export, finetune, pretrain
+    from sslcli.cli import attention, data, evaluate, export, finetune, pretrain, reconstruct
 
     app.add_typer(data.app, name="data", help="Generate the embedded dataset and convert images to shards.")
     pretrain.register(app)
@@ -40,6 +40,7 @@ def _register() -> None:
     finetune.register(app)
     export.register(app)
     attention.register(app)
+    reconstruct.register(app)
 
 
 _register()

@@ -7,22 +7,20 @@ from typing import Annotated
 
 import typer
 
-from sslcli.cli.options import Device
+from sslcli.cli.options import Device, Images, ImagesLimit, ImagesSplit, Zoom
 
 
 def attention_command(
     source: Annotated[str, typer.Argument(
         help="A ViT's run directory (uses RUN/encoder.safetensors) or exported .safetensors file.")],
-    images: Annotated[list[str], typer.Argument(
-        help="Image files, folders of images or datasets (shards); each folder or dataset gives --limit images.")],
+    images: Images,
     out: Annotated[Path, typer.Option("--out", help="Directory for the PNGs (created).")] = Path("attention"),
-    split: Annotated[str, typer.Option("--split", help="Split of a dataset argument.")] = "test",
-    limit: Annotated[int, typer.Option("--limit", help="Images taken from each folder or dataset.")] = 8,
+    split: ImagesSplit = "test",
+    limit: ImagesLimit = 8,
     image_size: Annotated[int | None, typer.Option(
         "--image-size", help="Input resolution; default: SOURCE's (other sizes need a ViT trained with multi-crop).",
         show_default=False)] = None,
-    zoom: Annotated[int | None, typer.Option(
-        "--zoom", help="Enlarge each tile this many times; default: about 224 px a tile.", show_default=False)] = None,
+    zoom: Zoom = None,
     device: Device = "auto",
 ) -> None:
     """Self-attention of the CLS token in the last block, per head, next to each image (DINO, Fig. 1)."""
@@ -31,7 +29,8 @@ def attention_command(
     from sslcli.engine.device import resolve_device
     from sslcli.errors import UserError
     from sslcli.evaluation import resolve_encoder
-    from sslcli.evaluation.attention import iter_images, last_attention_module, write_attention_maps
+    from sslcli.data.images import iter_images
+    from sslcli.evaluation.attention import last_attention_module, write_attention_maps
 
     if limit < 1:
         raise UserError(f"--limit must be at least 1, got {limit}")

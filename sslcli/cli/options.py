@@ -11,3 +11,11 @@ Data = Annotated[str, typer.Option("--data", help="Shard directory, brace patter
 OptionalData = Annotated[str | None, typer.Option("--data", help="Shard directory, brace pattern or image folder.")]
 Arch = Annotated[str | None, typer.Option("--arch", help="Backbone alias (resnet18, vit_b16, vit_tiny_p4, ...) or any timm name.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing output.")]
+
+# The per-image commands (attention, reconstruct).
+Images = Annotated[list[str], typer.Argument(
+    help="Image files, folders of images or datasets (shards); each folder or dataset gives --limit images.")]
+ImagesSplit = Annotated[str, typer.Option("--split", help="Split of a dataset argument.")]
+ImagesLimit = Annotated[int, typer.Option("--limit", help="Images taken from each folder or dataset.")]
+Zoom = Annotated[int | None, typer.Option(
+    "--zoom", help="Enlarge each tile this many times; default: about 224 px a tile.", show_default=False)]

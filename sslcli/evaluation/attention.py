@@ -14,9 +14,8 @@ written next to the image as one PNG per input.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -24,9 +23,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from sslcli.data.formats import decode_rgb, is_image_file
-from sslcli.data.reader import build_loader, resolve_source
 from sslcli.errors import UserError
+from sslcli.evaluation.panels import default_zoom, tile_row, to_uint8
 
 
 def last_attention_module(model: nn.Module, name: str) -> nn.Module:
@@ -98,41 +96,11 @@ def attention_panel(image: torch.Tensor, maps: torch.Tensor, mean: Sequence[floa
     ``image`` ``[C, H, W]`` normalised, ``maps`` ``[heads, h, w]``.  Size: ``(heads + 1) * H * zoom +
     heads * gap`` by ``H * zoom`` pixels.
     """
-    channels, height, width = image.shape
-    pixels = image.float().cpu() * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
-    pixels = pixels.expand(3, -1, -1) if channels == 1 else pixels
-    tiles = [(pixels.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)]
+    height, width = image.shape[-2:]
     # Nearest upsampling: each patch stays a visible block, as in DINO's figures.
     upsampled = F.interpolate(maps[None].float().cpu(), size=(height, width), mode="nearest")[0]
-    tiles += [colorize(m.numpy()) for m in upsampled]
-    tile_w, tile_h = width * zoom, height * zoom
-    panel = Image.new("RGB", (len(tiles) * tile_w + (len(tiles) - 1) * gap, tile_h), "white")
-    for i, tile in enumerate(tiles):
-        panel.paste(Image.fromarray(tile).resize((tile_w, tile_h), Image.NEAREST), (i * (tile_w + gap), 0))
-    return panel
-
-
-def iter_images(specs: Sequence[str], transform: Callable[[Any], torch.Tensor], *, split: str = "train",
-                limit: int = 8) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(name, transformed image)`` for each image file in ``specs``, and the first ``limit`` samples of
-    each other spec (a folder of images or a shard dataset, read by :func:`resolve_source`)."""
-    for spec in specs:
-        path = Path(spec).expanduser()
-        if path.is_file() and is_image_file(path):
-            image = decode_rgb(path.read_bytes())
-            if image is None:
-                raise UserError(f"'{spec}' is not a readable image; pass PNG/JPEG files, a folder or a dataset")
-            yield path.stem, transform(image)
-            continue
-        source = resolve_source(spec, split)
-        loader = build_loader(source, transform, batch_size=1, shuffle=False, drop_last=False)
-        for count, batch in enumerate(loader):
-            if count == limit:
-                break
-            index = int(batch["index"][0])
-            folder = source.kind == "folder"
-            stem = Path(source.urls[index]).stem if folder else f"{Path(spec).name}-{split}-{index:06d}"
-            yield stem, batch["image"][0]
+    tiles = [to_uint8(image, mean, std)] + [colorize(m.numpy()) for m in upsampled]
+    return tile_row(tiles, zoom=zoom, gap=gap)
 
 
 def write_attention_maps(encoder: nn.Module, images: Iterator[tuple[str, torch.Tensor]], out: Path, *,
@@ -152,7 +120,7 @@ def write_attention_maps(encoder: nn.Module, images: Iterator[tuple[str, torch.T
         seen[stem] = seen.get(stem, 0) + 1
         unique = stem if seen[stem] == 1 else f"{stem}-{seen[stem]}"  # two files with one name stay apart
         side = image.shape[-1]
-        panel = attention_panel(image, maps, mean, std, zoom=zoom or max(1, round(224 / side)))
+        panel = attention_panel(image, maps, mean, std, zoom=zoom or default_zoom(side))
         panel.save(out / f"{unique}.png")
         written.append(out / f"{unique}.png")
     if not written:

@@ -18,6 +18,7 @@ import abc
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -43,8 +44,11 @@ class StepOutput:
 
 class Method(nn.Module, abc.ABC):
     name: ClassVar[str] = ""
+    # False for a method that trains networks of its own instead of a timm backbone (the dVAE tokenizer):
+    # it is built with ``encoder=None``, exports no encoder and writes its files in ``save_artifacts``.
+    has_backbone: ClassVar[bool] = True
 
-    def __init__(self, encoder: Encoder) -> None:
+    def __init__(self, encoder: Encoder | None) -> None:
         super().__init__()
         self.backbone = encoder
 
@@ -90,10 +94,15 @@ class Method(nn.Module, abc.ABC):
         loader crops and flips with the image and appends to ``views`` (see ``augment.MultiView``)."""
         return {}
 
-    def export_backbone(self) -> Encoder:
+    def export_backbone(self) -> Encoder | None:
         """The backbone written to ``encoder.safetensors``: ``self.backbone``, or an EMA teacher's copy
-        for a method that offers it on request (DINO's ``export: teacher``, what its paper evaluates)."""
+        for a method that offers it on request (DINO's ``export: teacher``, what its paper evaluates);
+        None for a method without one."""
         return self.backbone
+
+    def save_artifacts(self, out: Path) -> None:
+        """Writes files of the run beyond ``encoder.safetensors`` into run directory ``out`` (each epoch, rank 0):
+        the dVAE's ``tokenizer.safetensors``."""
 
     def export_metadata(self) -> dict[str, Any]:
         """Entries overriding the recipe's in the exported backbone's metadata, for a backbone that
