@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 
 SSLCLI = [sys.executable, "-m", "sslcli"]
+# Two-stage methods: the first stage's method and the method_args key that takes its run directory.
+PREREQUISITES = {"beit": ("dvae", "tokenizer")}
 
 
 def run(*args: str) -> float:
@@ -38,7 +40,8 @@ def main() -> None:
     args = parser.parse_args()
     from sslcli.methods import METHODS
 
-    methods = args.methods or sorted(METHODS)
+    # A method without a backbone (the dVAE tokenizer) has nothing to evaluate by kNN; it runs as a prerequisite.
+    methods = args.methods or sorted(name for name, cls in METHODS.items() if cls.has_backbone)
     work, data = args.workdir, args.workdir / "data"
     rows = []
     if not (data / "index.json").exists():
@@ -50,8 +53,14 @@ def main() -> None:
         rows.append({"encoder": name, "pretrain_s": 0.0, **json.loads(out.read_text())["metrics"]})
     for method in methods:
         epochs = ["--epochs", str(args.epochs)] if args.epochs else []
-        seconds = run("pretrain", method, "--recipe", "small", "--data", str(data), "--out", str(work / method),
-                      "--overwrite", *epochs)
+        extra, seconds = [], 0.0
+        if method in PREREQUISITES:  # its first stage, with the small recipe's own epochs; timed with the method
+            first, key = PREREQUISITES[method]
+            seconds += run("pretrain", first, "--recipe", "small", "--data", str(data), "--out", str(work / first),
+                           "--overwrite")
+            extra = ["--set", f"method_args.{key}={work / first}"]
+        seconds += run("pretrain", method, "--recipe", "small", "--data", str(data), "--out", str(work / method),
+                       "--overwrite", *epochs, *extra)
         out, rand = work / f"knn-{method}.json", work / f"knn-{method}-random-init.json"
         run("knn", str(work / method), "--data", str(data), "--out", str(out))
         # The method's own architecture and preprocessing with random weights (a layer-norm ResNet for CPC,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from sslcli.data.reader import build_loader, resolve_source
 from sslcli.engine.optim import build_optimizer
 from sslcli.evaluation import extract_features
 from sslcli.methods import METHODS, Method, build_method, get_method
-from sslcli.models.encoders import create_encoder
+from sslcli.runs import run_encoder
 
 
 def _step(method, optimizer, views, batch) -> None:  # noqa: ANN001
@@ -42,12 +43,24 @@ def _before_epoch_seconds(method, source, cfg) -> float:  # noqa: ANN001
     return time.perf_counter() - start
 
 
-def measure(name: str, data: str, steps: int, warmup: int = 3) -> dict:
-    cfg = build_config(name, "small", {"data": data})  # a recipe such as seer names the method it runs
+def small_tokenizer(directory: Path) -> Path:
+    """An untrained tokenizer of the dvae small recipe's layout (beit's step costs the same with a trained one)."""
+    from sslcli.models.dvae import DiscreteVAE, save_tokenizer
+
+    cfg = build_config("dvae", "small", {})
+    args = {k: v for k, v in cfg.method_args.items() if k in ("vocab", "code_dim", "widths")}
+    tokenizer = DiscreteVAE(args["vocab"], args["code_dim"], tuple(args["widths"]))
+    meta = {"image_size": str(cfg.augment.eval_size), "mean": json.dumps(list(cfg.augment.mean)),
+            "std": json.dumps(list(cfg.augment.std))}
+    return save_tokenizer(tokenizer, directory / "tokenizer.safetensors", meta)
+
+
+def measure(name: str, data: str, steps: int, warmup: int = 3, sets: list[str] | None = None) -> dict:
+    cfg = build_config(name, "small", {"data": data}, sets or [])  # a recipe such as seer names the method it runs
     torch.manual_seed(0)
     source = resolve_source(data)
-    method = build_method(cfg.method, create_encoder(cfg.arch, cfg.augment.eval_size), cfg.method_args,
-                          num_samples=source.num_samples, augment=cfg.augment, epochs=cfg.epochs)
+    method = build_method(cfg.method, run_encoder(cfg), cfg.method_args, num_samples=source.num_samples,
+                          augment=cfg.augment, epochs=cfg.epochs)
     method = method.to(memory_format=torch.channels_last).train()
     hook_s = _before_epoch_seconds(method, source, cfg) if type(method).before_epoch is not Method.before_epoch else 0
     method.train()
@@ -79,7 +92,7 @@ def measure(name: str, data: str, steps: int, warmup: int = 3) -> dict:
         if i == warmup + steps - 1:
             break
     e2e_ips = seen / (time.perf_counter() - start)
-    return {"method": name, "arch": cfg.arch, "batch_size": bs, "image_size": sizes[0], "views": len(sizes),
+    return {"method": name, "arch": cfg.arch if get_method(cfg.method).has_backbone else "own networks", "batch_size": bs, "image_size": sizes[0], "views": len(sizes),
             "num_workers": cfg.num_workers, "model_img_per_s": round(model_ips, 1),
             "data_img_per_s": round(data_ips, 1), "end_to_end_img_per_s": round(e2e_ips, 1),
             "before_epoch_s": round(hook_s, 1)}
@@ -90,10 +103,15 @@ def main() -> None:
     parser.add_argument("--data", required=True)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--methods", nargs="*", default=None)
+    parser.add_argument("--tokenizer", type=Path, default=None,
+                        help="beit's tokenizer (a dvae run); default: an untrained one of the small layout")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/throughput.json"))
     args = parser.parse_args()
     get_method("simclr")
-    rows = [measure(m, args.data, args.steps) for m in (args.methods or sorted(METHODS))]
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = args.tokenizer or small_tokenizer(Path(tmp))
+        sets = {"beit": [f"method_args.tokenizer={tokenizer}"]}
+        rows = [measure(m, args.data, args.steps, sets=sets.get(m)) for m in (args.methods or sorted(METHODS))]
     machine = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                "torch": torch.__version__, "device": "cpu"}
     args.out.parent.mkdir(parents=True, exist_ok=True)

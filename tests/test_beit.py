@@ -145,3 +145,25 @@ def test_beit_without_a_tokenizer_says_how_to_get_one() -> None:
 
     with pytest.raises(UserError, match="sslcli pretrain dvae"):
         build_method("beit", create_encoder("vit_tiny_p4", img_size=32), {}, augment=AugmentConfig())
+
+
+def test_dvae_step_fits_a_batch_and_uses_many_words() -> None:
+    torch.manual_seed(0)
+    dvae = build_method("dvae", None, {**SMALL_TOKENIZER, "widths": [16, 16, 32, 32], "kl_warmup": 0.0},
+                        augment=AugmentConfig())
+    images = F.interpolate(torch.rand(16, 3, 4, 4), size=32, mode="nearest") * 2 - 1  # 8-px blocks of colour
+    optimizer = torch.optim.Adam(dvae.parameters(), lr=3e-3)
+    steps, first = 200, None
+    for step in range(steps):
+        out = dvae([images], {})
+        first = first if first is not None else float(out.logs["recon_mse"])
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        dvae.after_step((step + 1) / steps)
+    assert float(out.logs["tau"]) == pytest.approx(1 / 16, rel=0.05)  # annealed 1 -> 1/16
+    assert float(out.logs["recon_mse"]) < 0.7 * first
+    assert float(out.logs["perplexity"]) > 4  # the tokens are not one word
+    # hard tokens decode closer to the images than their mean colour does (the variance, 1/3, of U(-1, 1))
+    tokens = dvae.tokenizer.eval().tokens(images)
+    assert (dvae.tokenizer.decode_tokens(tokens) - images).pow(2).mean() < 0.8 * images.var()

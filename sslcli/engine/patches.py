@@ -59,16 +59,22 @@ def augment_patches(patches: torch.Tensor, *, flip_p: float = 0.0, color_drop_p:
     if jitter > 0:
         if jitter >= p:
             raise UserError(f"patch jitter {jitter} px leaves nothing of a {p}-px patch; use a value below {p}")
-        size = p - jitter
-        oy, ox = (torch.randint(jitter + 1, (n,), device=dev) for _ in range(2))
-        rows = (oy[:, None] + torch.arange(size, device=dev))[:, None, :, None]  # [n, 1, size, 1]
-        cols = (ox[:, None] + torch.arange(size, device=dev))[:, None, None, :]  # [n, 1, 1, size]
-        idx = torch.arange(n, device=dev)[:, None, None, None]
-        chans = torch.arange(c, device=dev)[None, :, None, None]
-        crops = patches[idx, chans, rows, cols]  # [n, c, size, size]
+        crops = random_crops(patches, p - jitter)
         lo = jitter // 2
         patches = F.pad(crops, (lo, jitter - lo, lo, jitter - lo))
     return patches
+
+
+def random_crops(patches: torch.Tensor, size: int) -> torch.Tensor:
+    """An independent, uniformly placed ``size x size`` crop of each of ``patches`` ``[N, C, p, p]``."""
+    n, c, p, _ = patches.shape
+    dev = patches.device
+    oy, ox = (torch.randint(p - size + 1, (n,), device=dev) for _ in range(2))
+    rows = (oy[:, None] + torch.arange(size, device=dev))[:, None, :, None]  # [n, 1, size, 1]
+    cols = (ox[:, None] + torch.arange(size, device=dev))[:, None, None, :]  # [n, 1, 1, size]
+    idx = torch.arange(n, device=dev)[:, None, None, None]
+    chans = torch.arange(c, device=dev)[None, :, None, None]
+    return patches[idx, chans, rows, cols]
 
 
 def orient(grid: torch.Tensor, direction: str) -> torch.Tensor:
