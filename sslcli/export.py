@@ -10,17 +10,16 @@ The file loads into timm without sslcli::
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import sslcli
 from sslcli.errors import UserError
 from sslcli.models.encoders import Encoder, EncoderSpec
+from sslcli.weights_file import read_header, write_weights
 
 FORMAT = "sslcli-encoder/1"
 
@@ -39,26 +38,14 @@ def encoder_metadata(encoder: Encoder, *, method: str, image_size: int, mean: tu
 
 def save_encoder(encoder: Encoder, path: Path, metadata: dict[str, str]) -> Path:
     """Writes the backbone (timm keys, contiguous CPU tensors) atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in encoder.model.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-    return path
+    return write_weights(encoder.model.state_dict(), path, metadata)
 
 
 def read_metadata(path: Path | str) -> dict[str, str]:
     path = Path(path)
     if not path.exists():
         raise UserError(f"weights file '{path}' does not exist; pass a run directory or an exported .safetensors file")
-    try:
-        with safe_open(str(path), "pt") as fh:
-            meta = fh.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise UserError(f"'{path}' is not a readable safetensors file ({err})") from None
-    if meta.get("format") != FORMAT:
-        raise UserError(f"'{path}' has no sslcli encoder metadata; export it with `sslcli export RUN --out FILE`")
-    return meta
+    return read_header(path, FORMAT, "has no sslcli encoder metadata; export it with `sslcli export RUN --out FILE`")
 
 
 def load_encoder(path: Path | str, expect_arch: str | None = None) -> tuple[Encoder, dict[str, str]]:
@@ -159,24 +146,15 @@ def save_projector(head: torch.nn.Sequential, in_dim: int, path: Path) -> Path:
     from sslcli.models.heads import describe_layers
 
     meta = {"format": PROJECTOR_FORMAT, "in_dim": str(in_dim), "layers": json.dumps(describe_layers(head))}
-    tensors = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
-    return path
+    return write_weights(head.state_dict(), path, meta)
 
 
 def load_projector(path: Path) -> torch.nn.Sequential:
     """The projector layers saved by :func:`save_projector`."""
     from sslcli.models.heads import build_mlp
 
-    try:
-        with safe_open(str(path), "pt") as fh:
-            meta = fh.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise UserError(f"'{path}' is not a readable safetensors file ({err})") from None
-    if meta.get("format") != PROJECTOR_FORMAT:
-        raise UserError(f"'{path}' is not an sslcli projector file; export it with `sslcli export RUN --keep-proj-layers N`")
+    meta = read_header(path, PROJECTOR_FORMAT,
+                       "is not an sslcli projector file; export it with `sslcli export RUN --keep-proj-layers N`")
     head = build_mlp(int(meta["in_dim"]), [tuple(layer) for layer in json.loads(meta["layers"])])
     head.load_state_dict(load_file(str(path)), strict=True)
     return head

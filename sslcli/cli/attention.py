@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from sslcli.cli.options import Device, Images, ImagesLimit, ImagesSplit, Zoom
+from sslcli.cli.options import Device, Images, ImagesLimit, ImagesSplit, Zoom, check_image_options
 
 
 def attention_command(
@@ -26,16 +26,12 @@ def attention_command(
     """Self-attention of the CLS token in the last block, per head, next to each image (DINO, Fig. 1)."""
     from rich.console import Console
 
-    from sslcli.engine.device import resolve_device
-    from sslcli.errors import UserError
-    from sslcli.evaluation import resolve_encoder
     from sslcli.data.images import iter_images
+    from sslcli.engine.device import resolve_device
+    from sslcli.evaluation import resolve_encoder
     from sslcli.evaluation.attention import last_attention_module, write_attention_maps
 
-    if limit < 1:
-        raise UserError(f"--limit must be at least 1, got {limit}")
-    if zoom is not None and zoom < 1:
-        raise UserError(f"--zoom must be at least 1, got {zoom}")
+    check_image_options(limit, zoom)
     encoder, info = resolve_encoder(source, arch=None, random_init=False, image_size=image_size)
     last_attention_module(encoder.model, f"'{source}' ({info.arch})")  # a ResNet fails here, before any image
     written = write_attention_maps(encoder, iter_images(images, info.transform(), split=split, limit=limit), out,

@@ -19,3 +19,13 @@ ImagesSplit = Annotated[str, typer.Option("--split", help="Split of a dataset ar
 ImagesLimit = Annotated[int, typer.Option("--limit", help="Images taken from each folder or dataset.")]
 Zoom = Annotated[int | None, typer.Option(
     "--zoom", help="Enlarge each tile this many times; default: about 224 px a tile.", show_default=False)]
+
+
+def check_image_options(limit: int, zoom: int | None) -> None:
+    """One-line errors for the per-image commands' ``--limit`` and ``--zoom``."""
+    from sslcli.errors import UserError
+
+    if limit < 1:
+        raise UserError(f"--limit must be at least 1, got {limit}")
+    if zoom is not None and zoom < 1:
+        raise UserError(f"--zoom must be at least 1, got {zoom}")

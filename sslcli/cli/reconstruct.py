@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from sslcli.cli.options import Device, Images, ImagesLimit, ImagesSplit, Zoom
+from sslcli.cli.options import Device, Images, ImagesLimit, ImagesSplit, Zoom, check_image_options
 
 
 def reconstruct_command(
@@ -34,10 +34,7 @@ def reconstruct_command(
     from sslcli.errors import UserError
     from sslcli.reconstruct import RESULTS_NAME, reconstruct
 
-    if limit < 1:
-        raise UserError(f"--limit must be at least 1, got {limit}")
-    if zoom is not None and zoom < 1:
-        raise UserError(f"--zoom must be at least 1, got {zoom}")
+    check_image_options(limit, zoom)
     if mask_ratio is not None and not 0 <= mask_ratio < 1:
         raise UserError(f"--mask-ratio must be in [0, 1), got {mask_ratio}")
     metrics = reconstruct(source, images, out, mask_ratio=mask_ratio, seed=seed, split=split, limit=limit,

@@ -9,17 +9,15 @@ without pickles or the run directory.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from sslcli.errors import UserError
 from sslcli.models.encoders import Encoder, EncoderSpec
 from sslcli.models.heads import build_mlp, describe_layers
+from sslcli.weights_file import read_header, write_weights
 
 FORMAT = "sslcli-classifier/1"
 
@@ -45,23 +43,13 @@ def save_classifier(model: Classifier, path: Path, metadata: dict[str, str]) -> 
     meta = {**metadata, "format": FORMAT, "arch": spec.arch, "timm_name": spec.timm_name,
             "timm_kwargs": json.dumps(spec.timm_kwargs), "num_classes": str(model.fc.out_features),
             "projector": json.dumps(describe_layers(model.projector)) if len(model.projector) else "[]"}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)
-    return path
+    return write_weights(model.state_dict(), path, meta)
 
 
 def load_classifier(path: Path) -> tuple[Classifier, dict[str, str]]:
     """The classifier saved at ``path`` (a file or a directory holding ``classifier.safetensors``)."""
     path = path / "classifier.safetensors" if path.is_dir() else path
-    try:
-        with safe_open(str(path), "pt") as fh:
-            meta = fh.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise UserError(f"'{path}' is not a readable classifier ({err}); pass a `sslcli finetune` output") from None
-    if meta.get("format") != FORMAT:
-        raise UserError(f"'{path}' is not an sslcli classifier; make one with `sslcli finetune SOURCE --out DIR`")
+    meta = read_header(path, FORMAT, "is not an sslcli classifier; make one with `sslcli finetune SOURCE --out DIR`")
     backbone = Encoder(EncoderSpec(meta["arch"], meta["timm_name"], json.loads(meta["timm_kwargs"])))
     layers = [tuple(layer) for layer in json.loads(meta["projector"])]
     projector = build_mlp(backbone.dim, layers) if layers else None

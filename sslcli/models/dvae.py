@@ -17,16 +17,15 @@ without the run that trained it.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from sslcli.errors import UserError
+from sslcli.weights_file import read_header, write_weights
 
 TOKENIZER_FORMAT = "sslcli-tokenizer/1"
 
@@ -101,12 +100,7 @@ class DiscreteVAE(nn.Module):
 
 def save_tokenizer(tokenizer: DiscreteVAE, path: Path, metadata: dict[str, str]) -> Path:
     """Writes the tokenizer's weights with its layout and ``metadata`` (image size, mean, std) in the header."""
-    meta = {"format": TOKENIZER_FORMAT, **tokenizer.layout(), **metadata}
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tokenizer.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
-    return path
+    return write_weights(tokenizer.state_dict(), path, {"format": TOKENIZER_FORMAT, **tokenizer.layout(), **metadata})
 
 
 def load_tokenizer(path: str | Path) -> tuple[DiscreteVAE, dict[str, str]]:
@@ -118,13 +112,7 @@ def load_tokenizer(path: str | Path) -> tuple[DiscreteVAE, dict[str, str]]:
     if not path.is_file():
         raise UserError(f"no tokenizer at '{path}'; train one with `sslcli pretrain dvae --out RUN` and pass "
                         "RUN or RUN/tokenizer.safetensors as method_args.tokenizer")
-    try:
-        with safe_open(str(path), "pt") as fh:
-            meta = fh.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise UserError(f"'{path}' is not a readable safetensors file ({err})") from None
-    if meta.get("format") != TOKENIZER_FORMAT:
-        raise UserError(f"'{path}' is not an sslcli tokenizer; train one with `sslcli pretrain dvae`")
+    meta = read_header(path, TOKENIZER_FORMAT, "is not an sslcli tokenizer; train one with `sslcli pretrain dvae`")
     tokenizer = DiscreteVAE(int(meta["vocab"]), int(meta["code_dim"]), tuple(json.loads(meta["widths"])),
                             int(meta["channels"]))
     tokenizer.load_state_dict(load_file(str(path)), strict=True)
