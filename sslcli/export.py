@@ -83,14 +83,12 @@ def export_run(run: Path, out: Path, *, overwrite: bool = False, keep_proj_layer
     """
     from sslcli.config import PretrainConfig, from_dict
     from sslcli.engine import checkpoint
+    from sslcli.methods import get_method
     from sslcli.models.encoders import resolve_arch
+    from sslcli.runs import run_checkpoint
 
     run = Path(run)
-    if not run.exists():
-        raise UserError(f"run '{run}' does not exist; pass a run directory written by `sslcli pretrain` or a .pt checkpoint")
-    ckpt = run if run.is_file() else checkpoint.latest(run / "checkpoints")
-    if ckpt is None:
-        raise UserError(f"'{run}' has no checkpoints yet; train it with `sslcli pretrain ... --out {run}` first")
+    ckpt = run_checkpoint(run, "export takes the backbone from a checkpoint")
     for path in [out, projector_path(out)] if keep_proj_layers else [out]:
         if path.exists() and not overwrite:
             raise UserError(f"'{path}' already exists; pass --overwrite to replace it or choose another --out")
@@ -98,8 +96,6 @@ def export_run(run: Path, out: Path, *, overwrite: bool = False, keep_proj_layer
     projector = run_projector(run, keep_proj_layers) if keep_proj_layers else None
     state = checkpoint.load(ckpt)
     cfg: PretrainConfig = from_dict(PretrainConfig, state["config"])
-    from sslcli.methods import get_method
-
     if not get_method(cfg.method).has_backbone:
         raise UserError(f"'{run}' is a {cfg.method} run, which trains no backbone to export; its product is the "
                         "tokenizer.safetensors in the run directory")

@@ -42,11 +42,9 @@ def reconstruct(source: str | Path, images: Sequence[str], out: str | Path, *, m
                 zoom: int | None = None, results: str | Path | None = None) -> dict[str, Any]:
     """Writes ``OUT/<image>.png`` for every image and ``results`` (default ``OUT/reconstruct.json``);
     returns the metrics.  ``mask_ratio`` defaults to the run's; ``seed`` fixes which patches are hidden."""
-    run = load_run(Path(source), "reconstruct needs the decoder, which only the checkpoint holds")
+    run = load_run(Path(source), "reconstruct needs the decoder, which only the checkpoint holds", expect=MAE,
+                   wrong_method="it does not predict pixels: reconstruct takes an MAE run (sslcli pretrain mae ...)")
     method, cfg = run.method, run.config
-    if not isinstance(method, MAE):
-        raise UserError(f"'{source}' is a {cfg.method} run, which does not predict pixels; reconstruct takes an MAE "
-                        "run (sslcli pretrain mae ...)")
     ratio = method.mask_ratio if mask_ratio is None else mask_ratio
     if not 0 <= ratio < 1:
         raise UserError(f"--mask-ratio must be in [0, 1), got {ratio}")

@@ -49,11 +49,16 @@ def build_run_method(cfg: PretrainConfig) -> Method:
                         epochs=cfg.epochs)
 
 
-def load_run(source: Path, needed_for: str) -> LoadedRun:
-    """The method of a run's latest checkpoint (or of a checkpoint file), in eval mode on the CPU."""
+def load_run(source: Path, needed_for: str, expect: type[Method] = Method, wrong_method: str = "") -> LoadedRun:
+    """The method of a run's latest checkpoint (or of a checkpoint file), in eval mode on the CPU.
+
+    A run whose method is not an ``expect`` is refused before anything is built: ``'SOURCE' is a M run;
+    {wrong_method}``."""
     ckpt = run_checkpoint(source, needed_for)
     state = checkpoint.load(ckpt)
     cfg: PretrainConfig = from_dict(PretrainConfig, state["config"])
+    if not issubclass(check_method_args(cfg.method, cfg.method_args), expect):
+        raise UserError(f"'{source}' is a {cfg.method} run; {wrong_method}")
     method = build_run_method(cfg)
     try:
         method.load_state_dict(state["model"], strict=True)

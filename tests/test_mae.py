@@ -130,3 +130,19 @@ def test_exported_encoder_loads_into_timm_vit_base_unchanged(tmp_path) -> None:
     model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0)
     model.load_state_dict(load_file(str(path)), strict=True)
     assert torch.equal(model.pos_embed, mae.backbone.model.pos_embed)
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--arch", "resnet18"], "not a timm ViT"),
+    (["--set", "method_args.mask_ratio=1.0"], "mask_ratio must be in [0, 1)"),
+])
+def test_bad_mae_settings_exit_2_and_create_nothing(synth_data, tmp_path, extra: list[str], message: str) -> None:
+    from typer.testing import CliRunner
+
+    from sslcli.cli.app import app
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["pretrain", "mae", "--recipe", "small", "--data", str(synth_data),
+                                      "--out", str(out), *extra])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    assert not out.exists()

@@ -31,12 +31,9 @@ def reconstruct_command(
     from rich.console import Console
 
     from sslcli.engine.device import resolve_device
-    from sslcli.errors import UserError
     from sslcli.reconstruct import RESULTS_NAME, reconstruct
 
     check_image_options(limit, zoom)
-    if mask_ratio is not None and not 0 <= mask_ratio < 1:
-        raise UserError(f"--mask-ratio must be in [0, 1), got {mask_ratio}")
     metrics = reconstruct(source, images, out, mask_ratio=mask_ratio, seed=seed, split=split, limit=limit,
                           device=resolve_device(device), zoom=zoom, results=results)
     Console().print(

@@ -53,7 +53,7 @@ class BEiT(Method):
         if not 0 < self.num_masked < self.grid[0] * self.grid[1]:
             raise UserError(f"mask_ratio {mask_ratio} masks {self.num_masked} of {self.grid[0] * self.grid[1]} patches; "
                             "pick a ratio that masks some but not all")
-        self.mask_ratio, self.min_block = mask_ratio, min_block
+        self.min_block = min_block
         self.mask_token = nn.Parameter(torch.zeros(1, 1, encoder.dim))
         self.head = nn.Linear(encoder.dim, self.tokenizer.vocab)
         nn.init.trunc_normal_(self.mask_token, std=0.02)

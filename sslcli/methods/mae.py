@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from sslcli.engine.masking import patchify, unpatchify
+from sslcli.errors import UserError
 from sslcli.losses import masked_mse, normalized_patches
 from sslcli.methods.base import Method, StepOutput, register_method
 from sslcli.models.encoders import Encoder
@@ -34,7 +35,7 @@ class MAE(Method):
         super().__init__(encoder)
         vit = checked_vit(encoder.model, f"'{encoder.spec.arch}'", "mae")
         if not 0 <= mask_ratio < 1:
-            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+            raise UserError(f"method_args.mask_ratio must be in [0, 1), got {mask_ratio}")
         self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
         self.patch = vit.patch_embed.patch_size[0]
         self.grid = tuple(vit.patch_embed.grid_size)

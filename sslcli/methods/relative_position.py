@@ -38,7 +38,8 @@ class RelativePosition(Method):
     def patches(self, images: torch.Tensor) -> torch.Tensor:
         """``[B, C, S, S]`` -> ``[B, 9, C, p, p]``: the jittered, colour-dropped 3 x 3 patch grid, raster order."""
         b, c = images.shape[:2]
-        cells = extract_patches(images, 3, self.patch_size + self.jitter).reshape(b * 9, c, *(2 * [self.patch_size + self.jitter]))
+        cell = self.patch_size + self.jitter
+        cells = extract_patches(images, 3, cell).reshape(b * 9, c, cell, cell)
         patches = augment_patches(random_crops(cells, self.patch_size), color_drop_p=self.color_drop_p)
         return patches.reshape(b, 9, c, self.patch_size, self.patch_size)
 

@@ -10,20 +10,15 @@ from __future__ import annotations
 
 import torch
 from timm.models.beit import Beit
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from sslcli.errors import UserError
+from sslcli.models.mae import checked_vit
 
 
 def check_maskable(model: nn.Module, name: str) -> nn.Module:
-    """``model`` if it is a timm ``VisionTransformer`` (CLS token, fixed patch grid) or ``Beit``."""
-    if isinstance(model, Beit):
-        return model
-    if not isinstance(model, VisionTransformer) or model.cls_token is None or getattr(model, "dynamic_img_size", False):
-        raise UserError(f"beit replaces masked patch embeddings of a ViT, but {name} is not a timm ViT with a CLS "
-                        "token and one image size; pass --arch vit_b16, beit_base_patch16_224 or vit_tiny_p8")
-    return model
+    """``model`` if it is a timm ``Beit``, or a ``VisionTransformer`` that passes MAE's check (CLS token, no
+    register tokens, one patch grid)."""
+    return model if isinstance(model, Beit) else checked_vit(model, name, "beit")
 
 
 def forward_with_mask_token(model: nn.Module, images: torch.Tensor, mask: torch.Tensor,

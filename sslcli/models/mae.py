@@ -32,7 +32,7 @@ class Reconstruction(NamedTuple):
 def checked_vit(model: nn.Module, name: str, method: str) -> VisionTransformer:
     """``model`` if it is a timm ViT with a CLS token, no register tokens and a fixed patch grid."""
     if not isinstance(model, VisionTransformer):
-        raise UserError(f"{method} masks the patch tokens of a ViT, but {name} is not one; "
+        raise UserError(f"{method} masks the patch tokens of a ViT, but {name} is not a timm ViT; "
                         "pass a ViT backbone (--arch vit_b16, or vit_tiny_p4 for 32-px images)")
     if model.cls_token is None or model.reg_token is not None or model.no_embed_class:
         raise UserError(f"{method} needs a ViT with a CLS token, no register tokens and a positional embedding on "
