@@ -91,6 +91,20 @@ def test_segmentation_mask_is_the_foreground_and_the_image_is_unchanged() -> Non
     assert np.abs(inside - outside).max() > 20
 
 
+def test_max_rotation_keeps_shapes_upright() -> None:
+    """A square drawn upright fills its bounding box; at any angle it mostly does not."""
+    def box_fill(max_rotation: float, seed: int) -> float:
+        rng = np.random.default_rng(seed)
+        alpha = synth._mask(rng, "square", 1, "large", 64, max_rotation)
+        rows, cols = np.nonzero(alpha > 0.5)
+        return float((alpha > 0.5).sum() / ((np.ptp(rows) + 1) * (np.ptp(cols) + 1)))
+
+    assert min(box_fill(0.0, s) for s in range(20)) > 0.9
+    assert np.mean([box_fill(180.0, s) for s in range(20)]) < 0.8
+    with pytest.raises(UserError, match="--max-rotation"):
+        generate_synthetic(Path("unused"), max_rotation=200)
+
+
 def test_generation_is_deterministic_and_seeded(tmp_path: Path) -> None:
     args = dict(train=30, test=12, size=24, shard_size=10)
     first = generate_synthetic(tmp_path / "a", seed=3, **args)
@@ -115,7 +129,7 @@ def test_index_lists_counts_classes_and_shards(synth_data: Path) -> None:
     index = read_index(synth_data)
     assert index["format"] == "sslcli-shards/1"
     assert index["classes"] == list(CLASSES) and len(CLASSES) >= 10
-    assert (index["image_size"], index["source"], index["seed"]) == (32, "synth", 0)
+    assert (index["image_size"], index["source"], index["seed"], index["max_rotation"]) == (32, "synth", 0, 180.0)
     assert index["splits"]["train"]["count"] == 600 and index["splits"]["test"]["count"] == 300
     assert index["splits"]["train"]["shards"] == [f"train-{i:06d}.tar" for i in range(3)]
     assert index["splits"]["test"]["shards"] == ["test-000000.tar", "test-000001.tar"]

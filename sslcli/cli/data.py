@@ -41,11 +41,14 @@ def synth(
     seed: Annotated[int, typer.Option(help="Seed; the same arguments give byte-identical files.")] = 0,
     shard_size: Annotated[int, typer.Option(help="Images per tar shard.")] = 2000,
     overwrite: Annotated[bool, typer.Option(help="Replace a dataset already in OUT.")] = False,
+    max_rotation: Annotated[float, typer.Option(help="Rotate shapes by at most this many degrees either way; "
+                                                "below 180 they have an upright orientation (for `rotation`).")] = 180.0,
 ) -> None:
     """Generate the embedded labelled shapes dataset as WebDataset shards."""
     start = time.perf_counter()
     index = generate_synthetic(
-        out, train=train, test=test, size=size, seed=seed, shard_size=shard_size, overwrite=overwrite
+        out, train=train, test=test, size=size, seed=seed, shard_size=shard_size, overwrite=overwrite,
+        max_rotation=max_rotation,
     )
     seconds = time.perf_counter() - start
     console = Console()

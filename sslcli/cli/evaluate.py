@@ -30,6 +30,9 @@ ImageSize = Annotated[int | None, typer.Option(
 CropPct = Annotated[float | None, typer.Option(
     "--crop-pct", help="Centre-crop fraction; default: SOURCE's, else 0.875 (use 1.0 for small images).",
     show_default=False)]
+Layer = Annotated[int | None, typer.Option(
+    "--layer", help="Average-pool block N's output instead of the encoder's default (Image GPT encoders, igpt_*: "
+    "1..depth; default the middle block).", show_default=False)]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per forward pass (and probe batch).")]
 TrainSplit = Annotated[str, typer.Option("--train-split", help="Split the classifier learns from.")]
 TestSplit = Annotated[str, typer.Option("--test-split", help="Split the accuracy is measured on.")]
@@ -54,7 +57,7 @@ class _Setup:
 
 def _setup(command: str, source: str | None, data: str, *, arch: str | None, random_init: bool, raw_pixels: bool,
            image_size: int | None, crop_pct: float | None, device: str, seed: int, train_split: str,
-           test_split: str) -> _Setup:
+           test_split: str, layer: int | None) -> _Setup:
     """Resolves device, data and encoder, cheapest checks first so bad input fails fast."""
     from sslcli.data.reader import resolve_source
     from sslcli.engine.device import resolve_device
@@ -64,7 +67,7 @@ def _setup(command: str, source: str | None, data: str, *, arch: str | None, ran
     splits = {"train": (train_split, resolve_source(data, train_split)),
               "test": (test_split, resolve_source(data, test_split))}
     encoder, info = resolve_encoder(source, arch=arch, random_init=random_init, raw_pixels=raw_pixels,
-                                    image_size=image_size, crop_pct=crop_pct, seed=seed)
+                                    image_size=image_size, crop_pct=crop_pct, seed=seed, layer=layer)
     return _Setup(command, encoder, info, data, splits, torch_device)
 
 
@@ -90,6 +93,7 @@ def knn_command(
     raw_pixels: RawPixels = False,
     image_size: ImageSize = None,
     crop_pct: CropPct = None,
+    layer: Layer = None,
     k: Annotated[list[int] | None, typer.Option("--k", help="Neighbours; repeat for several (--k 20 --k 200).",
                                                 show_default="20")] = None,
     temperature: Annotated[float, typer.Option("--temperature", help="Vote weight exp(cos / T).")] = 0.07,
@@ -108,11 +112,12 @@ def knn_command(
     ks = k or [20]
     setup = _setup("knn", source, data, arch=arch, random_init=random_init, raw_pixels=raw_pixels,
                    image_size=image_size, crop_pct=crop_pct, device=device, seed=seed, train_split=train_split,
-                   test_split=test_split)
+                   test_split=test_split, layer=layer)
     metrics = knn_evaluate(setup.encoder, setup.splits["train"][1], setup.splits["test"][1], setup.info.transform(),
                            k=ks, temperature=temperature, batch_size=batch_size, device=setup.device,
                            num_workers=num_workers, log=info)
-    _report(setup, metrics, out, {"k": ks, "temperature": temperature, "batch_size": batch_size, "seed": seed})
+    _report(setup, metrics, out, {"k": ks, "temperature": temperature, "batch_size": batch_size, "seed": seed,
+                                    "layer": layer})
 
 
 def linear_probe_command(
@@ -123,6 +128,7 @@ def linear_probe_command(
     raw_pixels: RawPixels = False,
     image_size: ImageSize = None,
     crop_pct: CropPct = None,
+    layer: Layer = None,
     epochs: Annotated[int, typer.Option("--epochs", help="Passes over the cached train features.")] = 100,
     lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate (cosine decay); default 0.1 for sgd, "
                                              "1e-3 for adamw; the papers' lr 30 needs --no-standardize.",
@@ -147,14 +153,14 @@ def linear_probe_command(
 
     setup = _setup("linear-probe", source, data, arch=arch, random_init=random_init, raw_pixels=raw_pixels,
                    image_size=image_size, crop_pct=crop_pct, device=device, seed=seed, train_split=train_split,
-                   test_split=test_split)
+                   test_split=test_split, layer=layer)
     metrics = linear_probe(setup.encoder, setup.splits["train"][1], setup.splits["test"][1], setup.info.transform(),
                            epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
                            optimizer=optimizer, bn_head=bn_head, standardize=standardize,  # type: ignore[arg-type]
                            device=setup.device, seed=seed, num_workers=num_workers, log=info)
     params = {"epochs": epochs, "lr": DEFAULT_LR.get(optimizer) if lr is None else lr, "weight_decay": weight_decay,
               "optimizer": optimizer, "bn_head": bn_head, "standardize": standardize, "batch_size": batch_size,
-              "seed": seed}
+              "seed": seed, "layer": layer}
     _report(setup, metrics, out, params)
 
 

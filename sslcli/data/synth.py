@@ -74,7 +74,7 @@ _RADIUS = {"small": (0.17, 0.21), "medium": (0.23, 0.29), "large": (0.31, 0.40)}
 _SIZES_FOR_COUNT = {1: ("small", "medium", "large"), 2: ("small", "medium"), 3: ("small",)}
 _COUNT_WORDS = {1: "a", 2: "two", 3: "three"}
 _COUNT_PROBABILITIES = (0.6, 0.3, 0.1)
-_MAX_ROTATION = math.pi  # radians either way
+MAX_ROTATION = 180.0  # degrees either way: by default shapes have no upright orientation
 _SUPERSAMPLE = 4  # masks are drawn at 4x and box-filtered down for anti-aliased edges
 _POOL_THRESHOLD = 1000  # below this many samples, process start-up costs more than it saves
 _CHUNK = 250
@@ -248,14 +248,17 @@ def _place(rng: np.random.Generator, size: int, radii: list[float]) -> list[tupl
     return centres
 
 
-def _mask(rng: np.random.Generator, shape: str, count: int, size_word: str, size: int) -> np.ndarray:
-    """Anti-aliased coverage in [0, 1] of ``count`` rotated instances of ``shape``."""
+def _mask(rng: np.random.Generator, shape: str, count: int, size_word: str, size: int,
+          max_rotation: float = MAX_ROTATION) -> np.ndarray:
+    """Anti-aliased coverage in [0, 1] of ``count`` instances of ``shape``, each rotated by up to ``max_rotation``
+    degrees either way from upright."""
     base = rng.uniform(*_RADIUS[size_word]) * size
     radii = [base * rng.uniform(0.9, 1.1) for _ in range(count)]
     big = size * _SUPERSAMPLE
     alpha = np.zeros((size, size), np.float32)
     for radius, centre in zip(radii, _place(rng, size, radii)):
-        angle = rng.uniform(-_MAX_ROTATION, _MAX_ROTATION)
+        limit = math.radians(max_rotation)  # exactly pi at 180: the default data is unchanged, byte for byte
+        angle = rng.uniform(-limit, limit)
         rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
         # Each instance gets its own canvas so a ring's hole cannot cut into a neighbour.
         canvas = Image.new("L", (big, big), 0)
@@ -267,17 +270,18 @@ def _mask(rng: np.random.Generator, shape: str, count: int, size_word: str, size
     return alpha
 
 
-def render_sample(rng: np.random.Generator, size: int, label: int | None = None) -> tuple[Image.Image, int, str]:
+def render_sample(rng: np.random.Generator, size: int, label: int | None = None,
+                  max_rotation: float = MAX_ROTATION) -> tuple[Image.Image, int, str]:
     """Draws one image; returns (RGB image, class index into CLASSES, caption).
 
     ``label`` fixes the class (used for balanced splits); otherwise it is drawn from ``rng``.
     """
-    image, label, caption, _ = render_sample_with_mask(rng, size, label)
+    image, label, caption, _ = render_sample_with_mask(rng, size, label, max_rotation)
     return image, label, caption
 
 
 def render_sample_with_mask(
-    rng: np.random.Generator, size: int, label: int | None = None
+    rng: np.random.Generator, size: int, label: int | None = None, max_rotation: float = MAX_ROTATION
 ) -> tuple[Image.Image, int, str, Image.Image]:
     """``render_sample`` plus the foreground segmentation: an 8-bit grey image of shape coverage.
 
@@ -292,7 +296,7 @@ def render_sample_with_mask(
     size_word = sizes[int(rng.integers(len(sizes)))]
     fg_name, bg_name = _pick_colours(rng)
     background, pattern = _background(rng, size, _jittered(rng, bg_name))
-    alpha = _mask(rng, shape, count, size_word, size)[..., None]
+    alpha = _mask(rng, shape, count, size_word, size, max_rotation)[..., None]
     foreground = _texture(rng, size, _jittered(rng, fg_name))
     pixels = background * (1 - alpha) + foreground * alpha
     image = Image.fromarray(np.clip(pixels + 0.5, 0, 255).astype(np.uint8), "RGB")
@@ -308,14 +312,14 @@ def _png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _render_range(task: tuple[int, str, int, int, int, int]) -> list[tuple[bytes, bytes, int, str]]:
+def _render_range(task: tuple[int, str, int, int, int, int, float]) -> list[tuple[bytes, bytes, int, str]]:
     """Renders samples [start, stop) of a split as (image PNG, mask PNG, label, caption) (runs in pool workers)."""
-    seed, split, start, stop, count, size = task
+    seed, split, start, stop, count, size, max_rotation = task
     labels = split_labels(seed, split, count)
     rendered = []
     for index in range(start, stop):
         image, label, caption, mask = render_sample_with_mask(sample_rng(seed, split, index), size,
-                                                              label=int(labels[index]))
+                                                              label=int(labels[index]), max_rotation=max_rotation)
         rendered.append((_png(image), _png(mask), label, caption))
     return rendered
 
@@ -337,11 +341,13 @@ def generate_synthetic(
     seed: int = 0,
     shard_size: int = 2000,
     overwrite: bool = False,
+    max_rotation: float = MAX_ROTATION,
 ) -> dict:
     """Writes the synthetic dataset as ``train-*.tar``, ``test-*.tar`` and ``index.json``.
 
     The output is byte-identical for identical arguments, whatever the number of processes.
-    Returns the index.
+    ``max_rotation`` below 180 degrees gives the shapes an upright orientation (a rotation-prediction
+    pretext has nothing to predict on the default data). Returns the index.
     """
     for name, value in (("train", train), ("test", test)):
         if value < 1:
@@ -352,12 +358,14 @@ def generate_synthetic(
         raise UserError(f"--shard-size must be at least 1, got {shard_size}")
     if seed < 0:
         raise UserError(f"--seed must be non-negative, got {seed}")
+    if not 0 <= max_rotation <= 180:
+        raise UserError(f"--max-rotation must be between 0 and 180 degrees, got {max_rotation}")
     out_dir = Path(out_dir)
     counts = {"train": train, "test": test}
     prepare_output(out_dir, overwrite=overwrite, splits=counts)
 
     tasks = {
-        split: [(seed, split, start, min(start + _CHUNK, n), n, size) for start in range(0, n, _CHUNK)]
+        split: [(seed, split, start, min(start + _CHUNK, n), n, size, max_rotation) for start in range(0, n, _CHUNK)]
         for split, n in counts.items()
     }
     workers = _worker_count() if train + test >= _POOL_THRESHOLD else 1
@@ -377,4 +385,5 @@ def generate_synthetic(
     finally:
         if pool is not None:
             pool.terminate()
-    return write_index(out_dir, classes=list(CLASSES), splits=splits, image_size=size, source="synth", seed=seed)
+    return write_index(out_dir, classes=list(CLASSES), splits=splits, image_size=size, source="synth", seed=seed,
+                       max_rotation=max_rotation)

@@ -145,6 +145,7 @@ def resolve_encoder(
     seed: int = 0,
     raw_pixels: bool = False,
     crop_pct: float | None = None,
+    layer: int | None = None,
 ) -> tuple[Encoder | PixelEncoder, EncoderInfo]:
     """Builds the encoder to evaluate and describes it.
 
@@ -153,10 +154,13 @@ def resolve_encoder(
     weights with random ones seeded by ``seed`` (``arch`` required without a source);
     ``raw_pixels`` replaces the network by :class:`PixelEncoder`.  ``image_size`` and
     ``crop_pct`` override the source's preprocessing (defaults without a source: 224 px,
-    crop 0.875, ImageNet mean/std).  Every bad combination raises :class:`UserError`.
+    crop 0.875, ImageNet mean/std).  ``layer`` pools an intermediate block's output (Image GPT).
+    Every bad combination raises :class:`UserError`.
     """
     if random_init and raw_pixels:
         raise UserError("--random-init and --raw-pixels are two different baselines; pass only one")
+    if raw_pixels and layer is not None:
+        raise UserError("--raw-pixels uses no network, so --layer does not apply; drop one of them")
     if raw_pixels and arch is not None:
         raise UserError("--raw-pixels uses no network, so --arch does not apply; drop one of them")
     if image_size is not None and image_size < 1:
@@ -197,14 +201,20 @@ def resolve_encoder(
     if raw_pixels:
         pixels = PixelEncoder(size, channels=len(mean))
         return pixels, describe(name=f"raw pixels ({size} px){origin}", kind="raw_pixels", arch="raw_pixels")
+    at_layer = "" if layer is None else f", layer {layer}"
     if random_init:
         name = arch or metadata["arch"]
         encoder = _seeded_encoder(name, size, seed, metadata)
-        return encoder, describe(name=f"{name}, random init (seed {seed}){origin}", kind="random_init", arch=name)
+        if layer is not None:
+            encoder.select_layer(layer)
+        return encoder, describe(name=f"{name}, random init (seed {seed}){at_layer}{origin}", kind="random_init",
+                                 arch=name)
     assert weights is not None
     encoder, _ = load_encoder(weights, expect_arch=arch)
     _check_size_fits(encoder.spec, size)
-    label = f"{metadata.get('method', '?')}, {metadata.get('epochs', '?')} epochs"
+    if layer is not None:
+        encoder.select_layer(layer)
+    label = f"{metadata.get('method', '?')}, {metadata.get('epochs', '?')} epochs{at_layer}"
     return encoder, describe(name=f"{source} ({label})", kind="weights", arch=metadata["arch"])
 
 

@@ -4,7 +4,9 @@ Short aliases map to a timm name plus keyword arguments.  Every alias is plain t
 exported weights load with ``timm.create_model(timm_name, num_classes=0, **timm_kwargs)``
 and ``load_state_dict(strict=True)``; both values are written into the export metadata.
 Small-input variants (for the 32-64 px embedded data) are ViTs with small patches; ResNets
-need no variant because their global pool accepts any input size.
+need no variant because their global pool accepts any input size.  Image GPT (``igpt_*``) is
+sslcli's own model, registered with timm by :mod:`sslcli.models.igpt`: loading it in timm needs
+``import sslcli`` first.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from torch import nn
 
 from sslcli.errors import UserError, suggest
+from sslcli.models import igpt  # noqa: F401 - registers sslcli's own timm models (igpt_*) by name
 
 # alias -> (timm name, extra timm kwargs)
 ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -106,6 +109,17 @@ class Encoder(nn.Module):
                             f"'{self.spec.arch}' has none (try --arch vit_s16)")
         for p in patch_embed.parameters():
             p.requires_grad_(False)
+
+    def select_layer(self, layer: int) -> None:
+        """Features from block ``layer`` instead of the last (the iGPT linear probe on intermediate layers)."""
+        select = getattr(self.model, "select_layer", None)
+        if select is None:
+            raise UserError(f"{self.spec.arch} has no selectable feature layer; --layer applies to Image GPT "
+                            "encoders (igpt_*): drop --layer")
+        try:
+            select(layer)
+        except ValueError as err:
+            raise UserError(f"--layer {layer}: {err}") from None
 
     def forward_dense(self, x: torch.Tensor) -> torch.Tensor:
         """Unpooled features (``[B, C, H, W]`` for CNNs, ``[B, T, C]`` for ViTs)."""
