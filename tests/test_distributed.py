@@ -18,19 +18,24 @@ def test_single_process_helpers_are_identities() -> None:
     assert torch.equal(dist.gather_no_grad(x), x) and torch.equal(dist.all_reduce_mean(x), x)
 
 
-# Methods whose maths says a 2-rank step equals a 1-rank step on the same global batch.
+# Methods whose maths says a 2-rank step equals a 1-rank step on the same global batch: id -> (method, args).
+_CLIP = {"embed_dim": 16, "vocab_size": 300, "context_length": 24, "text_width": 32, "text_layers": 1, "text_heads": 2}
 EQUIVALENT_STEPS = {
-    "simclr": {"temperature": 0.5, "proj_hidden": 64, "proj_dim": 16},
-    "mocov3": {"temperature": 0.2, "mlp_hidden": 64, "dim": 16},
-    "invaspread": {"temperature": 0.1, "dim": 16},
-    "simclrv2": {"temperature": 0.2, "proj_hidden": 64, "proj_dim": 16, "memory_size": 32},
+    "simclr": ("simclr", {"temperature": 0.5, "proj_hidden": 64, "proj_dim": 16}),
+    "mocov3": ("mocov3", {"temperature": 0.2, "mlp_hidden": 64, "dim": 16}),
+    "invaspread": ("invaspread", {"temperature": 0.1, "dim": 16}),
+    "simclrv2": ("simclrv2", {"temperature": 0.2, "proj_hidden": 64, "proj_dim": 16, "memory_size": 32}),
+    # CLIP's N x N loss on every rank, and open_clip's local loss (n x N per rank): the same gradient.
+    "clip": ("clip", _CLIP),
+    "clip-local-loss": ("clip", {**_CLIP, "local_loss": True}),
 }
 
 
-@pytest.mark.parametrize("name", sorted(EQUIVALENT_STEPS))
-def test_two_ranks_equal_one_rank(name: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("case", sorted(EQUIVALENT_STEPS))
+def test_two_ranks_equal_one_rank(case: str, tmp_path: Path) -> None:
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
-    args = json.dumps(EQUIVALENT_STEPS[name])
+    name, method_args = EQUIVALENT_STEPS[case]
+    args = json.dumps(method_args)
     run_single("step_equivalence.py", name, args, str(one))
     torchrun("step_equivalence.py", name, args, str(two))
     a, b = torch.load(one), torch.load(two)

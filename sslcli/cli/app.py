@@ -32,7 +32,7 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from sslcli.cli import attention, data, evaluate, export, finetune, pretrain, reconstruct
+    from sslcli.cli import attention, data, evaluate, export, finetune, pretrain, reconstruct, zero_shot
 
     app.add_typer(data.app, name="data", help="Generate the embedded dataset and convert images to shards.")
     pretrain.register(app)
@@ -41,6 +41,7 @@ def _register() -> None:
     export.register(app)
     attention.register(app)
     reconstruct.register(app)
+    zero_shot.register(app)
 
 
 _register()

@@ -14,6 +14,7 @@ from sslcli.data.formats import INDEX_NAME
 from sslcli.data.reader import read_index, resolve_source
 from sslcli.data.shards import folder_to_shards
 from sslcli.data.synth import generate_synthetic
+from sslcli.data.synth_pairs import check_hold_out_args
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -43,17 +44,28 @@ def synth(
     overwrite: Annotated[bool, typer.Option(help="Replace a dataset already in OUT.")] = False,
     max_rotation: Annotated[float, typer.Option(help="Rotate shapes by at most this many degrees either way; "
                                                 "below 180 they have an upright orientation (for `rotation`).")] = 180.0,
+    hold_out_pairs: Annotated[bool, typer.Option(help="Keep one seeded colour per shape out of train and test and "
+                                                 "write an 'unseen' split of only those pairs.")] = False,
+    unseen: Annotated[int | None, typer.Option(help="Images in the 'unseen' split (with --hold-out-pairs; "
+                                                    "default 1000).", show_default=False)] = None,
+    varied_captions: Annotated[bool, typer.Option(help="Captions name the shape always and its size, colour and "
+                                                  "background each half the time (for CLIP); images unchanged.")] = False,
 ) -> None:
-    """Generate the embedded labelled shapes dataset as WebDataset shards."""
+    """Generate the embedded labelled shapes dataset as WebDataset shards, plus classes.txt."""
+    # None tells "not given" from the default, so --unseen without the flag is an error, not a no-op.
+    unseen_count = check_hold_out_args(hold_out_pairs, unseen)
     start = time.perf_counter()
     index = generate_synthetic(
         out, train=train, test=test, size=size, seed=seed, shard_size=shard_size, overwrite=overwrite,
-        max_rotation=max_rotation,
+        max_rotation=max_rotation, hold_out_pairs=hold_out_pairs, unseen=unseen_count, varied_captions=varied_captions,
     )
     seconds = time.perf_counter() - start
     console = Console()
     console.print(f"[bold green]wrote[/] {out}: {_split_summary(index)} ({size}x{size} px, seed {seed})")
     console.print(f"{len(index['classes'])} classes: {', '.join(index['classes'])}")
+    if "held_out_pairs" in index:
+        pairs = ", ".join(f"{colour} {name}" for name, colour in index["held_out_pairs"].items())
+        console.print(f"held out of train/test, only in 'unseen': {pairs}")
     console.print(f"took {seconds:.1f} s")
 
 

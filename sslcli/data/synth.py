@@ -24,6 +24,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from sslcli.data.shards import ShardWriter, prepare_output, sample_fields, sample_key, write_index
+from sslcli.data.synth_pairs import (UNSEEN_SPLIT, ColourRule, caption_rng, colour_rules, hold_out_plan, varied_caption,
+                                     write_classes)
 from sslcli.errors import UserError
 
 CLASSES: tuple[str, ...] = (
@@ -78,6 +80,8 @@ MAX_ROTATION = 180.0  # degrees either way: by default shapes have no upright or
 _SUPERSAMPLE = 4  # masks are drawn at 4x and box-filtered down for anti-aliased edges
 _POOL_THRESHOLD = 1000  # below this many samples, process start-up costs more than it saves
 _CHUNK = 250
+# (seed, split, start, stop, count, size, max_rotation, per-label colour rules, varied captions)
+_Task = tuple[int, str, int, int, int, int, float, tuple[ColourRule, ...] | None, bool]
 
 
 def _regular(
@@ -150,9 +154,10 @@ def split_labels(seed: int, split: str, count: int) -> np.ndarray:
     return rng.permutation(np.arange(count) % len(CLASSES))
 
 
-def _pick_colours(rng: np.random.Generator) -> tuple[str, str]:
-    """(shape colour, background colour) names that contrast clearly."""
-    fg = _COLOUR_NAMES[int(rng.integers(len(_COLOUR_NAMES)))]
+def _pick_colours(rng: np.random.Generator, fg: str | None = None, avoid: str | None = None) -> tuple[str, str]:
+    """(shape colour, background colour) names that contrast clearly; ``fg`` fixes the first, ``avoid`` excludes one."""
+    while fg is None or fg == avoid:  # draws exactly once unless ``avoid`` is hit: default data stays unchanged
+        fg = _COLOUR_NAMES[int(rng.integers(len(_COLOUR_NAMES)))]
     backgrounds = _BACKGROUNDS_FOR[fg]
     return fg, backgrounds[int(rng.integers(len(backgrounds)))]
 
@@ -281,9 +286,12 @@ def render_sample(rng: np.random.Generator, size: int, label: int | None = None,
 
 
 def render_sample_with_mask(
-    rng: np.random.Generator, size: int, label: int | None = None, max_rotation: float = MAX_ROTATION
+    rng: np.random.Generator, size: int, label: int | None = None, max_rotation: float = MAX_ROTATION,
+    fg: str | None = None, avoid: str | None = None, captions: np.random.Generator | None = None,
 ) -> tuple[Image.Image, int, str, Image.Image]:
     """``render_sample`` plus the foreground segmentation: an 8-bit grey image of shape coverage.
+    ``fg`` fixes the shape colour and ``avoid`` forbids one (held-out pairs, see ``synth_pairs``); with a
+    ``captions`` generator the caption leaves out random details (``synth_pairs.varied_caption``).
 
     The mask is a second modality of the same scene (as depth or segmentation are for CMC on NYU):
     it shows where the shapes are, not which class they belong to, and it has no colour.
@@ -294,14 +302,16 @@ def render_sample_with_mask(
     count = int(rng.choice(3, p=_COUNT_PROBABILITIES)) + 1
     sizes = _SIZES_FOR_COUNT[count]
     size_word = sizes[int(rng.integers(len(sizes)))]
-    fg_name, bg_name = _pick_colours(rng)
+    fg_name, bg_name = _pick_colours(rng, fg, avoid)
     background, pattern = _background(rng, size, _jittered(rng, bg_name))
     alpha = _mask(rng, shape, count, size_word, size, max_rotation)[..., None]
     foreground = _texture(rng, size, _jittered(rng, fg_name))
     pixels = background * (1 - alpha) + foreground * alpha
     image = Image.fromarray(np.clip(pixels + 0.5, 0, 255).astype(np.uint8), "RGB")
     noun = shape if count == 1 else _PLURALS.get(shape, f"{shape}s")
-    caption = f"{_COUNT_WORDS[count]} {size_word} {fg_name} {noun} on {_BACKGROUND_PHRASES[pattern].format(bg_name)}"
+    background_phrase = _BACKGROUND_PHRASES[pattern].format(bg_name)
+    caption = (f"{_COUNT_WORDS[count]} {size_word} {fg_name} {noun} on {background_phrase}" if captions is None else
+               varied_caption(captions, _COUNT_WORDS[count], size_word, fg_name, noun, background_phrase))
     mask = Image.fromarray(np.clip(alpha[..., 0] * 255 + 0.5, 0, 255).astype(np.uint8), "L")
     return image, int(label), caption, mask
 
@@ -312,14 +322,17 @@ def _png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _render_range(task: tuple[int, str, int, int, int, int, float]) -> list[tuple[bytes, bytes, int, str]]:
+def _render_range(task: _Task) -> list[tuple[bytes, bytes, int, str]]:
     """Renders samples [start, stop) of a split as (image PNG, mask PNG, label, caption) (runs in pool workers)."""
-    seed, split, start, stop, count, size, max_rotation = task
+    seed, split, start, stop, count, size, max_rotation, rules, varied = task
     labels = split_labels(seed, split, count)
     rendered = []
     for index in range(start, stop):
+        fg, avoid = rules[int(labels[index])] if rules else (None, None)
         image, label, caption, mask = render_sample_with_mask(sample_rng(seed, split, index), size,
-                                                              label=int(labels[index]), max_rotation=max_rotation)
+                                                              label=int(labels[index]), max_rotation=max_rotation,
+                                                              fg=fg, avoid=avoid,
+                                                              captions=caption_rng(seed, split, index) if varied else None)
         rendered.append((_png(image), _png(mask), label, caption))
     return rendered
 
@@ -342,12 +355,17 @@ def generate_synthetic(
     shard_size: int = 2000,
     overwrite: bool = False,
     max_rotation: float = MAX_ROTATION,
+    hold_out_pairs: bool = False,
+    unseen: int = 1000,
+    varied_captions: bool = False,
 ) -> dict:
-    """Writes the synthetic dataset as ``train-*.tar``, ``test-*.tar`` and ``index.json``.
+    """Writes the synthetic dataset as ``train-*.tar``, ``test-*.tar``, ``index.json`` and ``classes.txt``.
 
     The output is byte-identical for identical arguments, whatever the number of processes.
     ``max_rotation`` below 180 degrees gives the shapes an upright orientation (a rotation-prediction
-    pretext has nothing to predict on the default data). Returns the index.
+    pretext has nothing to predict on the default data). ``hold_out_pairs`` keeps one colour per class out of
+    train and test and writes ``unseen`` images of just those pairs (index key ``held_out_pairs``);
+    ``varied_captions`` drops random details from the captions (the images stay the same). Returns the index.
     """
     for name, value in (("train", train), ("test", test)):
         if value < 1:
@@ -360,15 +378,19 @@ def generate_synthetic(
         raise UserError(f"--seed must be non-negative, got {seed}")
     if not 0 <= max_rotation <= 180:
         raise UserError(f"--max-rotation must be between 0 and 180 degrees, got {max_rotation}")
+    pairs, extra_splits = hold_out_plan(hold_out_pairs, unseen, seed, CLASSES, _COLOUR_NAMES)
     out_dir = Path(out_dir)
-    counts = {"train": train, "test": test}
-    prepare_output(out_dir, overwrite=overwrite, splits=counts)
+    counts = {"train": train, "test": test, **extra_splits}
+    # Unseen shards are cleared in both modes, so a rerun without the flag leaves none behind.
+    prepare_output(out_dir, overwrite=overwrite, splits=("train", "test", UNSEEN_SPLIT))
 
+    rules = {split: colour_rules(pairs, CLASSES, split) for split in counts}
     tasks = {
-        split: [(seed, split, start, min(start + _CHUNK, n), n, size, max_rotation) for start in range(0, n, _CHUNK)]
+        split: [(seed, split, start, min(start + _CHUNK, n), n, size, max_rotation, rules[split], varied_captions)
+                for start in range(0, n, _CHUNK)]
         for split, n in counts.items()
     }
-    workers = _worker_count() if train + test >= _POOL_THRESHOLD else 1
+    workers = _worker_count() if sum(counts.values()) >= _POOL_THRESHOLD else 1
     pool = Pool(workers) if workers > 1 else None
     splits: dict[str, dict] = {}
     try:
@@ -385,5 +407,7 @@ def generate_synthetic(
     finally:
         if pool is not None:
             pool.terminate()
+    write_classes(out_dir, CLASSES)
     return write_index(out_dir, classes=list(CLASSES), splits=splits, image_size=size, source="synth", seed=seed,
-                       max_rotation=max_rotation)
+                       max_rotation=max_rotation, **({"held_out_pairs": pairs} if pairs else {}),
+                       **({"varied_captions": True} if varied_captions else {}))

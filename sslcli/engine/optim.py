@@ -24,6 +24,7 @@ class OptimConfig:
     weight_decay_end: float | None = None
     momentum: float = 0.9
     betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1.0e-8  # AdamW's; CLIP uses 1e-6
     warmup_epochs: float = 0.0
     schedule: Literal["cosine", "constant", "step"] = "cosine"
     milestones: list[float] = field(default_factory=list)  # epochs where a step schedule multiplies lr by gamma
@@ -64,7 +65,7 @@ def build_optimizer(groups: list[dict], cfg: OptimConfig, lr: float) -> torch.op
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
     if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas))
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps)
     if cfg.name == "lars":
         # Undecayed groups (biases, norms) skip the trust ratio: timm adapts only where wd != 0.
         return Lars(groups, lr=lr, momentum=cfg.momentum, trust_clip=False)

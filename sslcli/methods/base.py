@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import abc
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -144,8 +144,10 @@ def get_method(name: str) -> type[Method]:
 # num_samples: training-set size, for memory banks with one row per image; augment: the run's
 # AugmentConfig, for a method that works on the views' pixels (CMC un-normalises them to Lab);
 # epochs: the run's length, for settings given in epochs (DINO's frozen last layer, SwAV's queue
-# start) that the method compares with ``progress * epochs``.
-RUNTIME_ARGS = ("num_samples", "augment", "epochs")
+# start) that the method compares with ``progress * epochs``; captions: a function returning the training
+# captions (an iterable of str), for a tokenizer built from the data (CLIP); absent when a run is rebuilt
+# from its checkpoint, whose state dict then supplies what was built.
+RUNTIME_ARGS = ("num_samples", "augment", "epochs", "captions")
 
 
 def hyperparameters(cls: type[Method]) -> dict[str, Any]:
@@ -169,13 +171,14 @@ def check_method_args(name: str, method_args: dict[str, Any]) -> type[Method]:
 
 
 def build_method(name: str, encoder: Encoder, method_args: dict[str, Any], *, num_samples: int | None = None,
-                 augment: Any = None, epochs: int | None = None) -> Method:
+                 augment: Any = None, epochs: int | None = None,
+                 captions: Callable[[], Iterable[str]] | None = None) -> Method:
     """``name``'s method on ``encoder``; runtime facts reach methods whose ``__init__`` asks for them.
 
     A runtime argument the method declares without a default must be given (not None).
     """
     cls = check_method_args(name, method_args)
-    runtime = {"num_samples": num_samples, "augment": augment, "epochs": epochs}
+    runtime = {"num_samples": num_samples, "augment": augment, "epochs": epochs, "captions": captions}
     params = inspect.signature(cls.__init__).parameters
     wanted = {k: v for k, v in runtime.items() if k in params}
     required = [k for k, v in wanted.items() if v is None and params[k].default is inspect.Parameter.empty]

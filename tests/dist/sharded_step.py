@@ -16,7 +16,7 @@ def local_rows(global_batch: int) -> slice:
 
 
 def sharded_step(method: torch.nn.Module, views: list[torch.Tensor],
-                 batch: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                 batch: dict[str, Any] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Forward + backward of ``method`` (wrapped in DDP) on this rank's rows of every view and batch field.
 
     Returns the loss averaged over ranks and the (DDP-averaged) gradient of every parameter that has one.
