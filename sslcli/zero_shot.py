@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from sslcli.augment import eval_transform
-from sslcli.data.formats import decode_rgb, is_image_file
+from sslcli.data.formats import is_image_file
+from sslcli.data.images import image_file
 from sslcli.data.reader import build_loader, resolve_source
 from sslcli.errors import UserError
 from sslcli.evaluation.linear_probe import state_fingerprint
@@ -84,12 +85,9 @@ def embed_inputs(model: CLIP, specs: Sequence[str], split: str, transform: Any, 
     """Image files one by one; folders and shard datasets split by split (``limit`` samples each)."""
     out = Embedded()
     for spec in specs:
-        path = Path(spec).expanduser()
-        if path.is_file() and is_image_file(path):
-            image = decode_rgb(path.read_bytes())
-            if image is None:
-                raise UserError(f"'{spec}' is not a readable image; pass PNG/JPEG files, a folder or a dataset")
-            out.names.append(str(path))
+        image = image_file(spec)
+        if image is not None:
+            out.names.append(str(Path(spec).expanduser()))
             out.features.append(model.backbone(transform(image)[None].to(device)).float().cpu())
             out.classes.append(None)
             out.captions.append("")

@@ -8,10 +8,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from sslcli.data.formats import decode_rgb, is_image_file
 from sslcli.data.reader import build_loader, resolve_source
 from sslcli.errors import UserError
+
+
+def image_file(spec: str) -> Image.Image | None:
+    """The decoded image when ``spec`` names an image file; None when it names something else (a folder or a
+    dataset); an image file that does not decode is a :class:`UserError`."""
+    path = Path(spec).expanduser()
+    if not (path.is_file() and is_image_file(path)):
+        return None
+    image = decode_rgb(path.read_bytes())
+    if image is None:
+        raise UserError(f"'{spec}' is not a readable image; pass PNG/JPEG files, a folder or a dataset")
+    return image
 
 
 def iter_images(specs: Sequence[str], transform: Callable[[Any], torch.Tensor], *, split: str = "train",
@@ -19,12 +32,9 @@ def iter_images(specs: Sequence[str], transform: Callable[[Any], torch.Tensor], 
     """``(name, transformed image)`` for each image file in ``specs``, and the first ``limit`` samples of
     each other spec (a folder of images or a shard dataset, read by :func:`resolve_source`)."""
     for spec in specs:
-        path = Path(spec).expanduser()
-        if path.is_file() and is_image_file(path):
-            image = decode_rgb(path.read_bytes())
-            if image is None:
-                raise UserError(f"'{spec}' is not a readable image; pass PNG/JPEG files, a folder or a dataset")
-            yield path.stem, transform(image)
+        image = image_file(spec)
+        if image is not None:
+            yield Path(spec).expanduser().stem, transform(image)
             continue
         source = resolve_source(spec, split)
         loader = build_loader(source, transform, batch_size=1, shuffle=False, drop_last=False)
