@@ -1,7 +1,7 @@
 """CLIP's learning check on the embedded data: zero-shot top-1 on held-out images and on unseen colour-shape
 pairs, retrieval recall@5, and the few-shot curve, each against its chance level.
 
-    python -m benchmarks.clip_zero_shot --workdir /tmp/bench-clip     # the small recipe: about 15 minutes
+    python -m benchmarks.clip_zero_shot --workdir /tmp/bench-clip     # the small recipe: about 35 minutes on 2 CPU cores
 
 Runs what a user runs (`sslcli data synth --hold-out-pairs --varied-captions`, `pretrain clip --recipe
 small`, `zero-shot clip`, `zero-shot retrieval`), collects the results JSONs into one file for
