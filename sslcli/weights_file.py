@@ -3,13 +3,13 @@ tensors written atomically with a string header, and a header checked for its ``
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from sslcli.atomic import atomic_path
 from sslcli.errors import UserError
 
 
@@ -17,11 +17,9 @@ def write_weights(state: dict[str, torch.Tensor], path: Path, metadata: dict[str
     """Writes ``state`` (as contiguous CPU tensors) and ``metadata`` to ``path`` through a temporary file and a
     rename, so a reader never sees half a file; returns ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
     return path
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +20,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from sslcli.atomic import atomic_path
 from sslcli.augment import eval_transform
-from sslcli.data.formats import is_image_file
 from sslcli.data.images import image_file
 from sslcli.data.reader import build_loader, resolve_source
 from sslcli.errors import UserError
@@ -119,8 +118,6 @@ def _write_predictions(path: Path, names: list[str], truth: list[str | None], pr
              **{f"top{r + 1}": labels[i] for r, i in enumerate(idx.tolist())},
              **{f"prob{r + 1}": round(p, 6) for r, p in enumerate(ps.tolist())}}
             for name, true, idx, ps in zip(names, truth, top.indices, top.values)]
-    if path.suffix not in (".csv", ".json"):
-        raise UserError(f"--predictions '{path}' must end in .csv or .json (the format follows the suffix)")
     if path.suffix == ".json":
         text = json.dumps(rows, indent=1) + "\n"
     else:
@@ -129,10 +126,8 @@ def _write_predictions(path: Path, names: list[str], truth: list[str | None], pr
         writer.writeheader()
         writer.writerows(rows)
         text = buffer.getvalue()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    os.replace(partial, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def zero_shot_classify(source: str | Path, images: Sequence[str], labels_path: str | Path, *,
@@ -151,6 +146,8 @@ def zero_shot_classify(source: str | Path, images: Sequence[str], labels_path: s
         raise UserError(f"--top-k must be at least 1, got {top_k}")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if predictions is not None and Path(predictions).suffix not in (".csv", ".json"):
+        raise UserError(f"--predictions '{predictions}' must end in .csv or .json (the format follows the suffix)")
     labels, templates = read_labels(Path(labels_path)), read_templates(None if templates_path is None else Path(templates_path))
     run = load_clip(source, device)
     model, transform = run.method, _transform(run)
@@ -200,7 +197,7 @@ def _few_shot(model: CLIP, images: Sequence[str], labels: list[str], position: d
               train_split: str, seeds: int, batch_size: int, device: torch.device | str, results: Path) -> dict:
     """N-shot logistic regression on backbone features of the first dataset's train split, tested on the
     labelled images zero-shot was scored on (CLIP, Fig. 6: zero-shot against few-shot linear probes)."""
-    datasets = [spec for spec in images if not (Path(spec).is_file() and is_image_file(Path(spec)))]
+    datasets = [spec for spec in images if image_file(spec) is None]
     if not datasets or zero_shot_top1 is None:
         raise UserError("--shots needs a labelled dataset among the inputs (its train split trains the probes) "
                         "whose classes appear in the labels file")

@@ -138,6 +138,7 @@ def test_retrieval_reports_recall_and_chance(clip_run: Path, synth_data: Path) -
 @pytest.mark.parametrize("case, expected", [
     ("empty", "is empty"), ("duplicates", "repeats 'circle'"), ("missing", "does not exist"),
     ("not-clip", "zero-shot takes a CLIP run"), ("shots", "--shots takes comma-separated counts"),
+    ("predictions", "must end in .csv or .json"), ("top-k", "--top-k must be at least 1"),
 ])
 def test_user_errors_are_one_line_and_exit_2(case: str, expected: str, clip_run: Path, synth_data: Path,
                                              tmp_path: Path) -> None:
@@ -150,7 +151,8 @@ def test_user_errors_are_one_line_and_exit_2(case: str, expected: str, clip_run:
                                                   "data": str(synth_data)}), run, device="cpu")
     before = sorted(p.name for p in (clip_run / "results").glob("*")) if (clip_run / "results").exists() else []
     args = ["zero-shot", "clip", run, synth_data, "--labels", tmp_path / "nope.txt" if case == "missing" else labels,
-            "--device", "cpu", *(["--shots", "1,x"] if case == "shots" else [])]
+            "--device", "cpu", *{"shots": ["--shots", "1,x"], "predictions": ["--predictions", tmp_path / "p.txt"],
+                                 "top-k": ["--top-k", "0"]}.get(case, [])]
     result = invoke(*args)
     assert result.exit_code == 2, result.output
     errors = [line for line in result.stderr.splitlines() if line.strip()]

@@ -24,6 +24,7 @@ from sslcli.data.formats import (
     scan_image_folder,
     split_dirs,
 )
+from sslcli.atomic import atomic_path
 from sslcli.errors import UserError
 
 # Fixed metadata so the same samples always produce byte-identical tars.
@@ -136,10 +137,8 @@ def write_index(out_dir: Path, *, classes: list[str] | None, splits: dict[str, d
     ``extra`` adds top-level fields such as ``image_size``, ``source`` and ``seed``.
     """
     index = {"format": FORMAT, "classes": None if classes is None else list(classes), "splits": splits, **extra}
-    path = Path(out_dir) / INDEX_NAME
-    temporary = path.with_name(f"{INDEX_NAME}.partial")
-    temporary.write_text(json.dumps(index, indent=2) + "\n")
-    os.replace(temporary, path)
+    with atomic_path(Path(out_dir) / INDEX_NAME) as tmp:
+        tmp.write_text(json.dumps(index, indent=2) + "\n")
     return index
 
 

@@ -8,13 +8,13 @@ these combinations, which is what compositional zero-shot evaluation needs.
 
 from __future__ import annotations
 
-import os
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from sslcli.atomic import atomic_path
 from sslcli.errors import UserError
 
 UNSEEN_SPLIT = "unseen"
@@ -96,7 +96,6 @@ def write_classes(out_dir: Path, classes: Sequence[str]) -> Path:
     list that a zero-shot run would silently misalign with the labels.
     """
     path = Path(out_dir) / CLASSES_NAME
-    temporary = path.with_name(f"{CLASSES_NAME}.partial")
-    temporary.write_text("".join(f"{name}\n" for name in classes))
-    os.replace(temporary, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(f"{name}\n" for name in classes))
     return path

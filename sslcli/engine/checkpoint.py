@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from sslcli.atomic import atomic_path
 from sslcli.errors import UserError
 
 _NAME = re.compile(r"^epoch-(\d+)\.pt$")
@@ -22,13 +23,10 @@ _NAME = re.compile(r"^epoch-(\d+)\.pt$")
 
 def save_atomic(obj: Any, path: Path) -> None:
     """``torch.save`` through a temporary file + fsync + rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         torch.save(obj, fh)
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def load(path: Path) -> dict[str, Any]:

@@ -5,7 +5,7 @@ Confusion matrix ``M [C, C]``: ``M[t, p]`` counts samples of true class ``t`` pr
 ``M[t, p] / sum_p' M[t, p']`` (per-class recall on the diagonal), white at 0 to dark blue at 1,
 so small and large classes read alike; counts are written in the cells when ``C <= 30``.
 
-Text uses PIL's default font; files are written atomically (temp file + ``os.replace``).  The
+Text uses PIL's default font; files are written atomically (``sslcli.atomic``).  The
 geometry (:func:`confusion_layout`, :func:`curve_axes`) is public so callers can find a cell or a point.
 """
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from sslcli.atomic import atomic_path
 from sslcli.errors import UserError
 
 Colour = tuple[int, int, int]
@@ -69,11 +69,8 @@ def _text(image: Image.Image, xy: tuple[int, int], text: str, fill: Colour = BLA
 
 def _save(image: Image.Image, path: Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A reader never sees half a PNG, even if the process dies mid-write.
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
     return path
 
 

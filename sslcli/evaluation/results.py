@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 import sslcli
+from sslcli.atomic import atomic_path
 from sslcli.evaluation.features import EncoderInfo
 
 
@@ -80,11 +80,8 @@ def write_results(path: Path, *, command: str, metrics: dict, encoder: EncoderIn
         "metrics": _jsonable(metrics),
     }
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A reader never sees half a file, even if the process dies mid-write.
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2) + "\n")
     return path
 
 

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from sslcli.errors import UserError
+from sslcli.weights_file import write_weights
 
 # CLIP's prompt-engineering notebook: the 7 ImageNet templates its authors kept after selection, plus the
 # paper's default prompt and the bare name; every template holds one "{}".
@@ -97,10 +97,7 @@ def cached_class_embeddings(cache_dir: Path, key: str, compute: Callable[[], tor
         except Exception:  # noqa: BLE001 - a damaged cache entry is recomputed, never trusted
             path.unlink(missing_ok=True)
     embeddings = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    save_file({"classes": embeddings.contiguous().cpu()}, str(partial))
-    os.replace(partial, path)  # atomic: a killed run leaves no half-written cache entry
+    write_weights({"classes": embeddings}, path, {})  # atomic: a killed run leaves no half-written cache entry
     return embeddings, False
 
 
