@@ -10,6 +10,7 @@ patches pasted back.  Usable from Python::
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ def reconstruct(source: str | Path, images: Sequence[str], out: str | Path, *, m
                 zoom: int | None = None, results: str | Path | None = None) -> dict[str, Any]:
     """Writes ``OUT/<image>.png`` for every image and ``results`` (default ``OUT/reconstruct.json``);
     returns the metrics.  ``mask_ratio`` defaults to the run's; ``seed`` fixes which patches are hidden."""
+    started = time.perf_counter()
     run = load_run(Path(source), "reconstruct needs the decoder, which only the checkpoint holds", expect=MAE,
                    wrong_method="it does not predict pixels: reconstruct takes an MAE run (sslcli pretrain mae ...)")
     method, cfg = run.method, run.config
@@ -80,5 +82,6 @@ def reconstruct(source: str | Path, images: Sequence[str], out: str | Path, *, m
                            "arch": cfg.arch, "epochs": run.epochs_done},
                   data={"inputs": list(images), "split": split, "limit": limit},
                   params={"mask_ratio": ratio, "seed": seed, "image_size": aug.eval_size,
-                          "target": "norm-pix" if method.norm_pix_loss else "pixels"})
+                          "target": "norm-pix" if method.norm_pix_loss else "pixels"},
+                  seed=seed, started=started)
     return metrics

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,6 +143,7 @@ def zero_shot_classify(source: str | Path, images: Sequence[str], labels_path: s
     it, ``*-predictions.csv``) and, when the images carry class names, a confusion matrix PNG; with ``shots``,
     the few-shot linear-probe curve on the first dataset's ``train_split`` against zero-shot (PNG and JSON).
     """
+    started = time.perf_counter()
     if top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {top_k}")
     if batch_size < 1:
@@ -187,7 +189,8 @@ def zero_shot_classify(source: str | Path, images: Sequence[str], labels_path: s
                            "arch": run.config.arch, "epochs": run.epochs_done},
                   data={"inputs": list(images), "split": split, "limit": limit},
                   params={"labels": str(labels_path), "classes": labels, "templates": templates, "top_k": top_k,
-                          "logit_scale": scale, "shots": list(shots), "seeds": seeds, "device": str(device)})
+                          "logit_scale": scale, "shots": list(shots), "seeds": seeds, "device": str(device)},
+                  seed=None, started=started)
     metrics["results"] = str(results)
     return metrics
 
@@ -221,6 +224,7 @@ def zero_shot_retrieval(source: str | Path, data: str, *, split: str = "test", o
                         batch_size: int = 256, device: torch.device | str = "cpu", limit: int | None = None,
                         log: Any = print) -> dict[str, Any]:
     """Image->text and text->image recall@1/5/10 over a split's images and captions, with chance levels."""
+    started = time.perf_counter()
     run = load_clip(source, device)
     model = run.method
     split_data = embed_split(model, data, split, _transform(run), batch_size=batch_size, device=device, limit=limit)
@@ -237,6 +241,7 @@ def zero_shot_retrieval(source: str | Path, data: str, *, split: str = "test", o
     write_results(results, command="zero-shot retrieval", metrics=metrics,
                   encoder={"run": str(source), "checkpoint": str(run.checkpoint), "method": run.config.method,
                            "arch": run.config.arch, "epochs": run.epochs_done},
-                  data={"spec": data, "split": split, "limit": limit}, params={"device": str(device)})
+                  data={"spec": data, "split": split, "limit": limit}, params={"device": str(device)},
+                  protocol="retrieval", started=started)
     metrics["results"] = str(results)
     return metrics

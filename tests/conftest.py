@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from sslcli.data.synth import generate_synthetic
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _feature_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Evaluations cache features outside run directories in $SSLCLI_CACHE: a temporary one, not ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SSLCLI_CACHE", str(tmp_path_factory.mktemp("sslcli-cache")))
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from sslcli.augment import IMAGENET_MEAN, IMAGENET_STD
 from sslcli.cli.app import app
 from sslcli.evaluation import resolve_encoder
+from sslcli.evaluation.results import RESULT_KEYS
 from sslcli.export import encoder_metadata, save_encoder
 from sslcli.models.encoders import create_encoder
 
@@ -30,7 +31,7 @@ def ok(*args: str | Path) -> str:
 
 def read(path: Path) -> dict:
     payload = json.loads(path.read_text())
-    assert set(payload) == {"command", "sslcli_version", "created", "encoder", "data", "params", "metrics"}
+    assert set(payload) == set(RESULT_KEYS)
     return payload
 
 
@@ -123,7 +124,7 @@ def test_raw_pixels_copy_the_preprocessing_of_a_source(synth_data: Path, weights
         ("nothing to evaluate", "no encoder to evaluate"),
         ("two baselines", "--random-init and --raw-pixels"),
         ("k too large", "k=5000"),
-        ("bad optimizer", "unknown optimizer 'lars'"),
+        ("bad optimizer", "unknown optimizer 'adam'"),
         ("bad device", "unknown device 'gpu'"),
         ("layer of a resnet", "no selectable feature layer"),
         ("layer out of range", "--layer 9: layer 9 is not a block"),
@@ -147,7 +148,7 @@ def test_user_errors_are_one_line_and_exit_2(case: str, expected: str, synth_dat
         "nothing to evaluate": ["knn", *data],
         "two baselines": ["knn", *RANDOM_RESNET, "--raw-pixels", *data],
         "k too large": ["knn", "--raw-pixels", "--image-size", "8", "--k", "5000", *data],
-        "bad optimizer": ["linear-probe", *RANDOM_RESNET, "--optimizer", "lars", *data],
+        "bad optimizer": ["linear-probe", *RANDOM_RESNET, "--optimizer", "adam", *data],
         "bad device": ["knn", *RANDOM_RESNET, "--device", "gpu", *data],
         "layer of a resnet": ["knn", *RANDOM_RESNET, "--layer", "2", *data],
         "layer out of range": ["linear-probe", "--arch", "igpt_tiny", "--random-init", "--layer", "9", *data],

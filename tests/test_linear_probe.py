@@ -1,4 +1,4 @@
-"""The linear probe on synthetic features: convergence, the BN head, the frozen-backbone check."""
+"""The linear probe on synthetic features: convergence, the BN head, the frozen-backbone check (every protocol)."""
 
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def test_adamw_optimizer_converges() -> None:
 
 def test_bad_parameters_are_user_errors() -> None:
     x, y = separable(12, seed=6)
-    for kwargs, match in [({"epochs": 0}, "epochs"), ({"lr": -1.0}, "lr"), ({"optimizer": "lars"}, "optimizer")]:
+    for kwargs, match in [({"epochs": 0}, "epochs"), ({"lr": -1.0}, "lr"), ({"optimizer": "adam"}, "optimizer")]:
         with pytest.raises(UserError, match=match):
             fit_linear_head(x, y, num_classes=NUM_CLASSES, **kwargs)
 
@@ -110,15 +110,37 @@ def test_linear_probe_reports_accuracy_and_keeps_backbone(monkeypatch: pytest.Mo
     monkeypatch.setattr(lp, "extract_labelled", fake_extraction(mutate=False))
     backbone = TinyBackbone()
     before = state_fingerprint(backbone)
-    metrics = linear_probe(backbone, None, None, None, epochs=20, batch_size=64)  # type: ignore[arg-type]
+    metrics = linear_probe(backbone, None, None, None, epochs=20, batch_size=64).metrics  # type: ignore[arg-type]
     assert metrics["top1"] >= 0.99 and metrics["top5"] == 1.0 and metrics["train_top1"] >= 0.99
     assert state_fingerprint(backbone) == before
 
 
-def test_changed_backbone_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+# Every protocol, a sweep and few-shot probes: the backbone check wraps them all.
+PROBES: dict[str, dict[str, Any]] = {
+    "custom": {"epochs": 2},
+    "moco": {"protocol": "moco", "epochs": 2},
+    "mae": {"protocol": "mae", "epochs": 2},
+    "fast": {"protocol": "fast"},
+    "sweep": {"lr": [0.1, 1.0], "epochs": 2},
+    "shots": {"shots": [2], "seeds": 2},
+}
+
+
+@pytest.mark.parametrize("probe", list(PROBES))
+def test_changed_backbone_raises(probe: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(lp, "extract_labelled", fake_extraction(mutate=True))
     with pytest.raises(RuntimeError, match="backbone changed"):
-        linear_probe(TinyBackbone(), None, None, None, epochs=2)  # type: ignore[arg-type]
+        linear_probe(TinyBackbone(), None, None, None, **PROBES[probe])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("probe", list(PROBES))
+def test_every_protocol_keeps_the_backbone(probe: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lp, "extract_labelled", fake_extraction(mutate=False))
+    backbone = TinyBackbone()
+    before = state_fingerprint(backbone)
+    report = linear_probe(backbone, None, None, None, **PROBES[probe])  # type: ignore[arg-type]
+    assert state_fingerprint(backbone) == before
+    assert report.params["protocol"] == PROBES[probe].get("protocol", "fast" if probe == "shots" else "custom")
 
 
 def test_fingerprint_sees_buffers() -> None:

@@ -137,7 +137,7 @@ def test_retrieval_reports_recall_and_chance(clip_run: Path, synth_data: Path) -
 
 @pytest.mark.parametrize("case, expected", [
     ("empty", "is empty"), ("duplicates", "repeats 'circle'"), ("missing", "does not exist"),
-    ("not-clip", "zero-shot takes a CLIP run"), ("shots", "--shots takes comma-separated counts"),
+    ("not-clip", "zero-shot takes a CLIP run"), ("shots", "--shots takes numbers separated by commas"),
     ("predictions", "must end in .csv or .json"), ("top-k", "--top-k must be at least 1"),
 ])
 def test_user_errors_are_one_line_and_exit_2(case: str, expected: str, clip_run: Path, synth_data: Path,

@@ -32,16 +32,18 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from sslcli.cli import attention, data, evaluate, export, finetune, pretrain, reconstruct, zero_shot
+    from sslcli.cli import attention, data, embed, evaluate, export, finetune, pretrain, reconstruct, report, zero_shot
 
     app.add_typer(data.app, name="data", help="Generate the embedded dataset and convert images to shards.")
     pretrain.register(app)
     evaluate.register(app)
+    embed.register(app)
     finetune.register(app)
     export.register(app)
     attention.register(app)
     reconstruct.register(app)
     zero_shot.register(app)
+    report.register(app)
 
 
 _register()

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from sslcli.cli.options import Arch, Data, Device
+from sslcli.cli.options import Arch, Data, Device, number_list
 
 if TYPE_CHECKING:
     import torch
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
 
     from sslcli.data.reader import DataSource
     from sslcli.evaluation import EncoderInfo
+    from sslcli.evaluation.feature_cache import FeatureCache
 
 
 # Options both commands share; the CLI-wide ones (--data, --arch, --device) come from options.py.
@@ -41,6 +43,9 @@ Seed = Annotated[int, typer.Option("--seed", help="Seed of --random-init weights
 ResultsOut = Annotated[Path | None, typer.Option(
     "--out", help="Results JSON; default: RUN/results/<command>.json for a run, else ./<command>-results.json.",
     show_default=False)]
+Cache = Annotated[bool, typer.Option(
+    "--cache/--no-cache", help="Reuse features stored for this encoder, preprocessing and data (RUN/cache/features "
+    "for a run, else $SSLCLI_CACHE/features or ~/.cache/sslcli/features); store them when missing.")]
 
 
 @dataclass
@@ -53,22 +58,27 @@ class _Setup:
     data: str
     splits: dict[str, tuple[str, DataSource]]  # role -> (split name, source)
     device: torch.device
+    started: float = field(default_factory=time.perf_counter)  # for the results' elapsed time
+    cache: FeatureCache | None = None  # None: --no-cache, or raw pixels (nothing worth storing)
 
 
 def _setup(command: str, source: str | None, data: str, *, arch: str | None, random_init: bool, raw_pixels: bool,
            image_size: int | None, crop_pct: float | None, device: str, seed: int, train_split: str,
-           test_split: str, layer: int | None) -> _Setup:
+           test_split: str, layer: int | None, cache: bool = True) -> _Setup:
     """Resolves device, data and encoder, cheapest checks first so bad input fails fast."""
     from sslcli.data.reader import resolve_source
     from sslcli.engine.device import resolve_device
+    from sslcli.engine.metrics import info as log
     from sslcli.evaluation import resolve_encoder
+    from sslcli.evaluation.feature_cache import feature_cache_for
 
     torch_device = resolve_device(device)
     splits = {"train": (train_split, resolve_source(data, train_split)),
               "test": (test_split, resolve_source(data, test_split))}
     encoder, info = resolve_encoder(source, arch=arch, random_init=random_init, raw_pixels=raw_pixels,
                                     image_size=image_size, crop_pct=crop_pct, seed=seed, layer=layer)
-    return _Setup(command, encoder, info, data, splits, torch_device)
+    return _Setup(command, encoder, info, data, splits, torch_device,
+                  cache=feature_cache_for(info, log=log) if cache else None)
 
 
 def _report(setup: _Setup, metrics: dict[str, Any], out: Path | None, params: dict[str, Any]) -> None:
@@ -79,7 +89,8 @@ def _report(setup: _Setup, metrics: dict[str, Any], out: Path | None, params: di
     path = write_results(
         out or default_results_path(setup.info, setup.command), command=setup.command, metrics=metrics,
         encoder=setup.info, data=describe_data(setup.data, setup.splits),
-        params={**params, "device": str(setup.device)},
+        params={**params, "device": str(setup.device)}, protocol=params.get("protocol", setup.command),
+        seed=params.get("seed"), started=setup.started,
     )
     print_results(f"{setup.command}: {setup.info.name}", metrics)
     info(f"results written to {path}")
@@ -104,6 +115,7 @@ def knn_command(
     test_split: TestSplit = "test",
     num_workers: NumWorkers = 0,
     seed: Seed = 0,
+    cache: Cache = True,
 ) -> None:
     """Weighted kNN accuracy: the train split's features vote on each test image's class."""
     from sslcli.engine.metrics import info
@@ -112,10 +124,10 @@ def knn_command(
     ks = k or [20]
     setup = _setup("knn", source, data, arch=arch, random_init=random_init, raw_pixels=raw_pixels,
                    image_size=image_size, crop_pct=crop_pct, device=device, seed=seed, train_split=train_split,
-                   test_split=test_split, layer=layer)
+                   test_split=test_split, layer=layer, cache=cache)
     metrics = knn_evaluate(setup.encoder, setup.splits["train"][1], setup.splits["test"][1], setup.info.transform(),
                            k=ks, temperature=temperature, batch_size=batch_size, device=setup.device,
-                           num_workers=num_workers, log=info)
+                           num_workers=num_workers, log=info, cache=setup.cache)
     _report(setup, metrics, out, {"k": ks, "temperature": temperature, "batch_size": batch_size, "seed": seed,
                                     "layer": layer})
 
@@ -129,39 +141,66 @@ def linear_probe_command(
     image_size: ImageSize = None,
     crop_pct: CropPct = None,
     layer: Layer = None,
-    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the cached train features.")] = 100,
-    lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate (cosine decay); default 0.1 for sgd, "
-                                             "1e-3 for adamw; the papers' lr 30 needs --no-standardize.",
-                                             show_default=False)] = None,
-    weight_decay: Annotated[float, typer.Option("--weight-decay", help="L2 penalty on the head's weights.")] = 0.0,
-    optimizer: Annotated[str, typer.Option("--optimizer", help="sgd (momentum 0.9) or adamw.")] = "sgd",
-    bn_head: Annotated[bool, typer.Option("--bn-head", help="BatchNorm1d(affine=False) before the linear layer "
-                                          "(MAE's protocol).")] = False,
-    standardize: Annotated[bool, typer.Option("--standardize/--no-standardize", help="Scale features to zero "
-                                              "mean, unit variance on the train split.")] = True,
-    batch_size: BatchSize = 256,
+    protocol: Annotated[str | None, typer.Option(
+        "--protocol", help="custom (sslcli's), moco (MoCo v1: SGD lr 30, raw features, step decay), mae (MAE: "
+        "BN head, LARS, warm-up + cosine) or fast (L-BFGS logistic regression); default custom, fast with "
+        "--shots.  Options given explicitly override the protocol's values.", show_default=False)] = None,
+    epochs: Annotated[int | None, typer.Option(
+        "--epochs", help="Passes over the cached train features (custom and moco 100, mae 90).",
+        show_default=False)] = None,
+    lr: Annotated[list[str] | None, typer.Option(
+        "--lr", help="Peak learning rate; several (0.01,0.1,1 or repeated) sweep them, choosing on a validation "
+        "split.  Default: sgd 0.1, adamw 1e-3 (custom), 30 (moco), 0.1 x batch/256 (mae, lars).",
+        show_default=False)] = None,
+    weight_decay: Annotated[list[str] | None, typer.Option(
+        "--weight-decay", help="L2 penalty on the head's weights (fast: lambda, default 1e-3; else 0); several "
+        "sweep them.", show_default=False)] = None,
+    optimizer: Annotated[str | None, typer.Option(
+        "--optimizer", help="sgd (momentum 0.9), adamw or lars; default: the protocol's.", show_default=False)] = None,
+    bn_head: Annotated[bool | None, typer.Option(
+        "--bn-head/--no-bn-head", help="BatchNorm1d(affine=False) before the linear layer (on for mae).",
+        show_default=False)] = None,
+    standardize: Annotated[bool | None, typer.Option(
+        "--standardize/--no-standardize", help="Scale features to zero mean, unit variance on the train split "
+        "(on for custom and fast).", show_default=False)] = None,
+    val_fraction: Annotated[float | None, typer.Option(
+        "--val-fraction", help="Hold out this class-balanced fraction of the train split for validation "
+        "(default 0.1 when sweeping, else none).", show_default=False)] = None,
+    shots: Annotated[list[str] | None, typer.Option(
+        "--shots", help="Few-shot probes instead: N labelled train images per class (e.g. 1,2,4,8,16), "
+        "mean and std of test top-1 over --seeds draws.", show_default=False)] = None,
+    seeds: Annotated[int, typer.Option(
+        "--seeds", help="Few-shot draws per shot count (seeds --seed, --seed+1, ...).")] = 3,
+    batch_size: Annotated[int | None, typer.Option(
+        "--batch-size", help="Images per forward pass (default 256) and, when given, the probe's batch "
+        "(default: the protocol's, mae 16384, at most the train rows).", show_default=False)] = None,
     device: Device = "auto",
     out: ResultsOut = None,
     train_split: TrainSplit = "train",
     test_split: TestSplit = "test",
     num_workers: NumWorkers = 0,
     seed: Seed = 0,
+    cache: Cache = True,
 ) -> None:
     """Linear-probe accuracy: a linear classifier trained on frozen train-split features."""
     from sslcli.engine.metrics import info
-    from sslcli.evaluation.linear_probe import DEFAULT_LR, linear_probe
+    from sslcli.evaluation.linear_probe import linear_probe, resolve_probe
 
+    lrs, wds = number_list(lr, "--lr", float), number_list(weight_decay, "--weight-decay", float)
+    shot_counts = number_list(shots, "--shots", int) or []
+    options: dict[str, Any] = {"protocol": protocol, "epochs": epochs, "lr": lrs, "weight_decay": wds,
+                               "optimizer": optimizer, "bn_head": bn_head, "standardize": standardize,
+                               "batch_size": batch_size, "val_fraction": val_fraction, "shots": shot_counts,
+                               "seeds": seeds}
+    resolve_probe(**options)  # bad probe options fail before any data is read or encoder built
     setup = _setup("linear-probe", source, data, arch=arch, random_init=random_init, raw_pixels=raw_pixels,
                    image_size=image_size, crop_pct=crop_pct, device=device, seed=seed, train_split=train_split,
-                   test_split=test_split, layer=layer)
-    metrics = linear_probe(setup.encoder, setup.splits["train"][1], setup.splits["test"][1], setup.info.transform(),
-                           epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
-                           optimizer=optimizer, bn_head=bn_head, standardize=standardize,  # type: ignore[arg-type]
-                           device=setup.device, seed=seed, num_workers=num_workers, log=info)
-    params = {"epochs": epochs, "lr": DEFAULT_LR.get(optimizer) if lr is None else lr, "weight_decay": weight_decay,
-              "optimizer": optimizer, "bn_head": bn_head, "standardize": standardize, "batch_size": batch_size,
-              "seed": seed, "layer": layer}
-    _report(setup, metrics, out, params)
+                   test_split=test_split, layer=layer, cache=cache)
+    report = linear_probe(setup.encoder, setup.splits["train"][1], setup.splits["test"][1], setup.info.transform(),
+                          **options, device=setup.device, seed=seed, num_workers=num_workers, log=info,
+                          cache=setup.cache)
+    _report(setup, report.metrics, out, {**report.params, "extract_batch_size": batch_size or 256, "seed": seed,
+                                         "layer": layer})
 
 
 def register(app: typer.Typer) -> None:

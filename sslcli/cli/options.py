@@ -29,3 +29,24 @@ def check_image_options(limit: int, zoom: int | None) -> None:
         raise UserError(f"--limit must be at least 1, got {limit}")
     if zoom is not None and zoom < 1:
         raise UserError(f"--zoom must be at least 1, got {zoom}")
+
+
+def number_list(values: list[str] | None, option: str, kind: type[float] | type[int]) -> list | None:
+    """``--opt 0.1,1 --opt 3`` -> ``[0.1, 1.0, 3.0]``; None when the option was not given.  Integer lists
+    (counts such as ``--shots``) must be positive."""
+    from sslcli.errors import UserError
+
+    if values is None:
+        return None
+    parts = [part.strip() for value in values for part in value.split(",")]
+    example = "1,2,4,8,16" if kind is int else "0.01,0.1,1"
+    if not any(parts):
+        raise UserError(f"{option} got an empty list; pass one value or several separated by commas, e.g. {example}")
+    try:
+        numbers = [kind(part) for part in parts]
+    except ValueError:
+        raise UserError(f"{option} takes numbers separated by commas such as {example}; got {','.join(values)!r}") \
+            from None
+    if kind is int and any(n < 1 for n in numbers):
+        raise UserError(f"{option} counts must be at least 1; got {','.join(values)!r}")
+    return numbers

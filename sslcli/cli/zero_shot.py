@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from sslcli.cli.options import Device, Images, ImagesSplit
+from sslcli.cli.options import Device, Images, ImagesSplit, number_list
 
 app = typer.Typer(no_args_is_help=True, help="Zero-shot evaluation of image-text (CLIP) runs: classification "
                   "from class names, image-text retrieval.")
@@ -20,20 +20,6 @@ Out = Annotated[Path | None, typer.Option(
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")]
 Limit = Annotated[int | None, typer.Option(
     "--limit", help="Use only the first N samples of each folder or dataset.", show_default=False)]
-
-
-def _shots(text: str | None) -> tuple[int, ...]:
-    from sslcli.errors import UserError
-
-    if not text:
-        return ()
-    try:
-        shots = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise UserError(f"--shots takes comma-separated counts such as 1,2,4,8,16; got {text!r}") from None
-    if any(n < 1 for n in shots):
-        raise UserError(f"--shots counts must be at least 1; got {text!r}")
-    return shots
 
 
 @app.command("clip")
@@ -50,7 +36,7 @@ def clip_command(
     predictions: Annotated[Path | None, typer.Option(
         "--predictions", help="Per-image top-k file, .csv or .json; default: beside the results JSON.",
         show_default=False)] = None,
-    shots: Annotated[str | None, typer.Option(
+    shots: Annotated[list[str] | None, typer.Option(
         "--shots", help="Also train N-shot linear probes (e.g. 1,2,4,8,16) on the first dataset's train split "
         "and plot them against zero-shot.", show_default=False)] = None,
     train_split: Annotated[str, typer.Option("--train-split", help="Split the few-shot probes sample from.")] = "train",
@@ -71,8 +57,9 @@ def clip_command(
         raise UserError(f"--seeds must be at least 1, got {seeds}")
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1, got {limit}")
+    shot_counts = tuple(number_list(shots, "--shots", int) or ())
     metrics = zero_shot_classify(source, images, labels, templates_path=templates, split=split, top_k=top_k, out=out,
-                                 predictions=predictions, shots=_shots(shots), train_split=train_split, seeds=seeds,
+                                 predictions=predictions, shots=shot_counts, train_split=train_split, seeds=seeds,
                                  batch_size=batch_size, device=resolve_device(device), limit=limit, log=info)
     shown = {k: v for k, v in metrics.items() if k in ("images", "labelled", "top1", "top5")}
     for n, point in metrics.get("few_shot", {}).get("curve", {}).items():

@@ -163,7 +163,14 @@ class _BatchStream(IterableDataset):
                 yield _Record(index, -1 if label is None else label, text, image, origin, extras)
 
     def _records(self) -> Iterator[_Record]:
-        """The global stream every rank and worker agrees on for this epoch."""
+        """The global stream every rank and worker agrees on for this epoch, ``source.keep``'s samples only
+        for a subset (filtered before positions are dealt out, so quotas stay exact)."""
+        keep = self.source.keep
+        records = self._split_records()
+        yield from records if keep is None else (record for record in records if record.index in keep)
+
+    def _split_records(self) -> Iterator[_Record]:
+        """Every record of the split, in this epoch's order."""
         count = len(self.source.urls)
         order = self._rng(0).permutation(count).tolist() if self.shuffle else list(range(count))
         if self.source.kind == "folder":

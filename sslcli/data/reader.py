@@ -36,7 +36,9 @@ class DataSource:
     ``urls`` are shard paths (``kind="shards"``) or image paths (``kind="folder"``), in
     stream order. ``labels`` is set only for labelled folders (shards carry ``cls`` fields);
     ``classes`` names the labels when known. ``shard_sizes`` gives per-shard sample counts
-    when they are known without reading the data (from the index or from counting).
+    when they are known without reading the data (from the index or from counting). ``keep``, when
+    set, restricts the split to those sample indices (a label subset or a validation part, see
+    :func:`sslcli.data.subset.select_samples`); ``num_samples`` then counts the kept ones.
     """
 
     spec: str
@@ -47,6 +49,7 @@ class DataSource:
     classes: list[str] | None
     num_samples: int
     shard_sizes: list[int] | None = field(default=None, repr=False)
+    keep: frozenset[int] | None = field(default=None, repr=False)
 
 
 def read_index(path: Path) -> dict:

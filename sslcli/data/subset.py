@@ -2,14 +2,17 @@
 
 ``write_label_subset`` copies a seeded, class-balanced fraction of one split into a new shard
 dataset and links the other splits unchanged, so fine-tuning on "1% of the labels" is an ordinary
-``--data`` directory that can be kept, shared and reused.
+``--data`` directory that can be kept, shared and reused.  ``select_samples`` gives the same subset
+without writing anything: a :class:`DataSource` restricted to the chosen samples (``finetune
+--label-fraction``, and its held-out validation part).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +44,42 @@ def balanced_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarra
         take = max(1, round(fraction * members.size))
         chosen.append(members[order[:take]])
     return np.sort(np.concatenate(chosen))
+
+
+def split_labels(source: DataSource) -> tuple[np.ndarray, np.ndarray]:
+    """``(indices, labels)`` of ``source``'s samples (only ``source.keep``'s) in stream order, read without
+    decoding an image.  An index is the loader's: the sample's ``idx`` field, else its position in the split;
+    an unlabelled sample has label -1.  ``balanced_subset(labels, ...)`` positions index into both arrays.
+    """
+    pairs: list[tuple[int, int]] = []
+    if source.kind == "folder":
+        if source.labels is None:
+            raise UserError(f"'{source.spec}' has no class subfolders, so it has no labels to subset")
+        pairs = list(enumerate(source.labels))
+    else:
+        offset = 0  # the loader numbers idx-less samples by position, counting shards in listed order
+        for url in source.urls:
+            count = 0
+            for count, (_, fields) in enumerate(iter_tar_samples(Path(url)), start=1):
+                label = fields.get("cls", b"-1").decode(errors="replace").strip()
+                try:
+                    index = int(fields["idx"]) if "idx" in fields else offset + count - 1
+                except ValueError:
+                    raise UserError(f"a sample of '{url}' has a non-integer 'idx' field; regenerate the shard") from None
+                pairs.append((index, int(label) if label.lstrip("-").isdigit() else -1))
+            offset += count
+    if source.keep is not None:
+        pairs = [pair for pair in pairs if pair[0] in source.keep]
+    indices, labels = zip(*pairs, strict=True) if pairs else ((), ())
+    return np.asarray(indices, dtype=np.int64), np.asarray(labels, dtype=np.int64)
+
+
+def select_samples(source: DataSource, indices: Iterable[int]) -> DataSource:
+    """``source`` restricted to the samples with these loader indices (from :func:`split_labels`)."""
+    keep = frozenset(int(i) for i in indices)
+    if not keep:
+        raise UserError(f"no samples selected from split '{source.split}' of '{source.spec}'")
+    return replace(source, keep=keep, num_samples=len(keep))
 
 
 def _samples(source: DataSource) -> Iterator[tuple[int, dict[str, bytes]]]:

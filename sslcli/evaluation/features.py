@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import timm
 import torch
@@ -33,6 +33,9 @@ from sslcli.data.reader import DataSource, build_loader
 from sslcli.errors import UserError
 from sslcli.export import load_encoder, read_metadata
 from sslcli.models.encoders import Encoder, EncoderSpec, create_encoder
+
+if TYPE_CHECKING:
+    from sslcli.evaluation.feature_cache import FeatureCache
 
 WEIGHTS_NAME = "encoder.safetensors"
 DEFAULT_IMAGE_SIZE = 224
@@ -71,6 +74,7 @@ class EncoderInfo:
     run_dir: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     input_space: str = "rgb"  # what the encoder takes (sslcli.colorspace), e.g. lab_l for CMC
+    layer: int | None = None  # the pooled block (--layer); None: the encoder's default
 
     def transform(self) -> Callable[[Any], torch.Tensor]:
         """The deterministic evaluation transform (resize, centre crop, colour space, normalise)."""
@@ -194,7 +198,7 @@ def resolve_encoder(
         raise UserError(f"'{weights}' expects input space '{input_space}', unknown to this sslcli; upgrade sslcli")
     describe = functools.partial(
         EncoderInfo, image_size=size, mean=mean, std=std, crop_pct=crop, metadata=metadata, input_space=input_space,
-        path=None if weights is None else str(weights), run_dir=None if run_dir is None else str(run_dir),
+        path=None if weights is None else str(weights), run_dir=None if run_dir is None else str(run_dir), layer=layer,
     )
     origin = f" with the preprocessing of {source}" if source is not None else ""
 
@@ -226,18 +230,24 @@ def extract_features(
     batch_size: int,
     device: torch.device | str,
     num_workers: int = 0,
+    cache: FeatureCache | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Features ``[N, D]`` (float32, CPU) and labels ``[N]`` of every sample of ``source``.
 
     The encoder runs in eval mode under ``torch.inference_mode()`` (its training flag is
     restored afterwards) and is moved to ``device``.  Rows follow the sample index, so the
     result does not depend on batch size or loader workers; each sample appears exactly once
-    (undecodable images are replaced by the loader, which warns about them).
+    (undecodable images are replaced by the loader, which warns about them).  With a ``cache``
+    (:func:`sslcli.evaluation.feature_cache.feature_cache_for`, made for this encoder's
+    preprocessing) a valid entry is returned without running the encoder, else one is written.
     """
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     if source.num_samples == 0:
         raise UserError("the dataset split has no samples; check --data and the split names")
+    if cache is not None:
+        return cache.fetch(encoder, source, lambda: extract_features(
+            encoder, source, transform, batch_size=batch_size, device=device, num_workers=num_workers))
     loader = build_loader(source, transform, batch_size=batch_size, shuffle=False, drop_last=False,
                           num_workers=num_workers)
     was_training = encoder.training
@@ -287,16 +297,18 @@ def extract_labelled(
     device: torch.device | str,
     num_workers: int = 0,
     log: Callable[[str], None] | None = None,
+    cache: FeatureCache | None = None,
 ) -> LabelledFeatures:
     """Train and test features plus the class count, checking that both splits are labelled.
 
-    ``log`` (e.g. a console printer) receives one line per split with its size and timing.
+    ``log`` (e.g. a console printer) receives one line per split with its size and timing;
+    ``cache`` is passed to :func:`extract_features` for both splits.
     """
 
     def extract(role: str, source: DataSource) -> tuple[torch.Tensor, torch.Tensor]:
         start = time.perf_counter()
         feats, labels = extract_features(encoder, source, transform, batch_size=batch_size, device=device,
-                                         num_workers=num_workers)
+                                         num_workers=num_workers, cache=cache)
         if log is not None:
             log(f"{role} split '{source.split}': {feats.shape[0]} images -> {feats.shape[1]}-d features "
                 f"in {time.perf_counter() - start:.1f} s")

@@ -15,13 +15,16 @@ cannot overflow float32 (``exp(1 / 0.01)`` does) and the nearest neighbour alway
 
 Queries are processed ``chunk_size`` at a time and, optionally, the memory
 ``memory_chunk_size`` items at a time with a running top-k merge, so the largest temporary
-is ``chunk_size x min(N, memory_chunk_size)`` similarities, never ``Q x N``.
+is ``chunk_size x min(N, memory_chunk_size)`` similarities, never ``Q x N``.  The memory is
+not copied to normalise it: each chunk's dot products are scaled by the items' inverse norms
+``1 / ||z_i||`` (an ``[N]`` vector), so beyond the features themselves the peak memory is set
+by the chunk sizes, not by ``N`` (``benchmarks/knn_memory.py`` measures it).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +34,9 @@ from sslcli.data.reader import DataSource
 from sslcli.errors import UserError
 from sslcli.evaluation.features import extract_labelled
 from sslcli.evaluation.results import topk_accuracy
+
+if TYPE_CHECKING:
+    from sslcli.evaluation.feature_cache import FeatureCache
 
 
 def _check_params(k: int | Sequence[int], temperature: float, memory_size: int) -> list[int]:
@@ -46,14 +52,15 @@ def _check_params(k: int | Sequence[int], temperature: float, memory_size: int) 
     return ks
 
 
-def _top_neighbours(queries: torch.Tensor, memory: torch.Tensor, k: int,
+def _top_neighbours(queries: torch.Tensor, memory: torch.Tensor, inv_norm: torch.Tensor, k: int,
                     memory_chunk_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Similarities and memory indices of each query's ``k`` nearest items, most similar first."""
+    """Cosine similarities and memory indices of each (unit) query's ``k`` nearest items, most similar
+    first; ``inv_norm [N]`` holds the memory items' ``1 / ||z_i||``."""
     step = memory.shape[0] if memory_chunk_size is None else memory_chunk_size
     best_sim = queries.new_empty((queries.shape[0], 0))
     best_idx = torch.empty((queries.shape[0], 0), dtype=torch.long, device=queries.device)
     for start in range(0, memory.shape[0], step):
-        sim = queries @ memory[start : start + step].T
+        sim = (queries @ memory[start : start + step].T).mul_(inv_norm[start : start + step])
         sim, idx = sim.topk(min(k, sim.shape[1]), dim=1)
         # The k best of (best so far + this chunk's k best) are the k best of everything seen.
         best_sim = torch.cat([best_sim, sim], dim=1)
@@ -92,12 +99,14 @@ def knn_classify(
     if train_labels.numel() and not (0 <= int(train_labels.min()) and int(train_labels.max()) < num_classes):
         raise ValueError(f"train labels must lie in [0, {num_classes})")
     ks = _check_params(k, temperature, train_feats.shape[0])
-    memory = F.normalize(train_feats.float(), dim=1)
+    memory = train_feats.float()  # no copy for float32 features
+    # F.normalize's x / max(||x||, eps), applied to the similarities instead of to a copy of the memory.
+    inv_norm = torch.linalg.vector_norm(memory, dim=1).clamp_min_(1e-12).reciprocal_()
     labels = train_labels.to(memory.device).long()
     chunks: dict[int, list[torch.Tensor]] = {kk: [] for kk in ks}
     for start in range(0, test_feats.shape[0], chunk_size):
         queries = F.normalize(test_feats[start : start + chunk_size].float().to(memory.device), dim=1)
-        sim, idx = _top_neighbours(queries, memory, max(ks), memory_chunk_size)
+        sim, idx = _top_neighbours(queries, memory, inv_norm, max(ks), memory_chunk_size)
         neighbour_labels = labels[idx]
         for kk in ks:
             chunks[kk].append(_vote(sim[:, :kk], neighbour_labels[:, :kk], temperature, num_classes))
@@ -137,18 +146,19 @@ def knn_evaluate(
     chunk_size: int = 1024,
     memory_chunk_size: int | None = 65536,
     log: Callable[[str], None] | None = None,
+    cache: FeatureCache | None = None,
 ) -> dict[str, Any]:
     """Extracts features of both splits and classifies the test split by kNN on the train split.
 
     Returns ``{"top1", "top5"}`` for the first ``k`` given plus ``"per_k": {"<k>": {...}}``
     for all of them.  The neighbour search runs on ``device``; the default chunks bound its
     largest temporary to 1024 x 65536 similarities (256 MiB) whatever the memory size.  ``log``
-    gets progress lines.
+    gets progress lines; ``cache`` (a :class:`FeatureCache`) reuses features stored earlier.
     """
     # Checked before extraction, which may take long, so a bad --k fails at once.
     ks = _check_params(k, temperature, train_source.num_samples)
     feats = extract_labelled(encoder, train_source, test_source, transform, batch_size=batch_size,
-                             device=device, num_workers=num_workers, log=log)
+                             device=device, num_workers=num_workers, log=log, cache=cache)
     per_k = knn_accuracy(feats.train_x.to(device), feats.train_y, feats.test_x, feats.test_y, k=ks,
                          temperature=temperature, num_classes=feats.num_classes, chunk_size=chunk_size,
                          memory_chunk_size=memory_chunk_size)

@@ -1,131 +1,50 @@
-"""Linear probing: a linear classifier trained on frozen features.
+"""Linear probing: a linear classifier trained on frozen features, under a paper's protocol.
 
-The backbone stays in eval mode and runs exactly once per image (no augmentation), so the
-probe trains on cached features in seconds.  The head is ``Linear(standardise(h))``, optionally
-with a ``BatchNorm1d(affine=False)`` in between as in MAE's protocol, trained with cross-entropy
-by SGD (momentum 0.9) or AdamW under a per-step cosine learning rate.
+The backbone stays in eval mode and runs exactly once per image (no augmentation), so probes train on
+cached features in seconds.  The protocols (``custom``, ``moco``, ``mae``, ``fast``) and their paper
+sources are in :mod:`sslcli.evaluation.probe_protocols`; the heads in :mod:`sslcli.evaluation.probe_heads`.
 
-Defaults and the papers' settings: features are standardised with the train split's mean and
-std, so one learning rate (0.1 for SGD) suits any backbone and converges in a few dozen
-epochs.  MoCo and SimCLR probe unnormalised ResNet features with ``lr=30`` (SGD, 100 epochs):
-pass ``lr=30, standardize=False``.  MAE normalises with ``bn_head=True`` instead (its LARS
-optimiser is not offered; SGD on the normalised features plays its role here).
+- One probe: the head is trained on the train split and scored on the test split.
+- A sweep (several lrs or weight decays): a seeded class-balanced ``val_fraction`` of the train split is
+  held out, every head trains on the rest in one pass, the head with the best validation top-1 (ties:
+  lowest validation cross-entropy) is reported, plus a table of every head's validation and test top-1.
+- Few-shot (``shots``): per shot count ``k`` and seed, a probe on ``k`` train images per class, mean and
+  sample std of test top-1 over seeds (:func:`sslcli.evaluation.logistic.few_shot_curve`, the loop
+  ``sslcli zero-shot clip --shots`` uses too); the ``fast`` L-BFGS probe unless a protocol is named.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
-from collections.abc import Callable
-from typing import Any, Literal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sslcli.data.reader import DataSource
-from sslcli.engine.optim import OptimConfig, apply_schedules, build_optimizer, param_groups
 from sslcli.errors import UserError
-from sslcli.evaluation.features import extract_labelled
+from sslcli.evaluation.feature_cache import FeatureCache
+from sslcli.evaluation.features import LabelledFeatures, extract_labelled
+from sslcli.evaluation.logistic import ShotProbe, few_shot_curve, lbfgs_probe, shots_for_curve
+from sslcli.evaluation.probe_heads import HeadFit, LinearHead, fit_linear_head, fit_probe_heads, raise_if_diverged
+from sslcli.evaluation.probe_protocols import DEFAULT_LR, ProbeSettings, resolve_protocol, validation_split
 from sslcli.evaluation.results import topk_accuracy
 
-Optimizer = Literal["sgd", "adamw"]
-# Per-optimizer peak learning rates for standardised features; AdamW's steps are already normalised.
-DEFAULT_LR: dict[str, float] = {"sgd": 0.1, "adamw": 1e-3}
+__all__ = ["DEFAULT_LR", "LinearHead", "ProbeReport", "few_shot_probe", "fit_linear_head", "linear_probe",
+           "probe_features", "resolve_probe", "state_fingerprint"]
+
+DEFAULT_VAL_FRACTION = 0.1  # held out of the train split when a sweep needs to choose
 
 
-class LinearHead(nn.Module):
-    """``fc(bn(standardise(h)))``; the standardisation statistics are fixed buffers."""
+@dataclass
+class ProbeReport:
+    """What a probe measured (``metrics``) and every setting it ran with (``params``, for the results file)."""
 
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor, num_classes: int, *, bn: bool) -> None:
-        super().__init__()
-        dim = mean.shape[0]
-        self.register_buffer("mean", mean.clone())
-        self.register_buffer("std", std.clone())
-        # eps as in MAE: its features can have tiny variance along some dimensions.
-        self.norm: nn.Module = nn.BatchNorm1d(dim, affine=False, eps=1e-6) if bn else nn.Identity()
-        self.fc = nn.Linear(dim, num_classes)
-        nn.init.trunc_normal_(self.fc.weight, std=0.01)
-        nn.init.zeros_(self.fc.bias)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.norm((h - self.mean) / self.std))
-
-
-def fit_linear_head(
-    feats: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    num_classes: int,
-    epochs: int = 100,
-    lr: float | None = None,
-    batch_size: int = 256,
-    weight_decay: float = 0.0,
-    optimizer: Optimizer = "sgd",
-    bn_head: bool = False,
-    standardize: bool = True,
-    device: torch.device | str = "cpu",
-    seed: int = 0,
-) -> tuple[LinearHead, float]:
-    """Trains a :class:`LinearHead` on ``feats [N, D]``; returns it (eval mode) and the last epoch's mean loss.
-
-    ``lr=None`` takes the optimizer's default from :data:`DEFAULT_LR`.
-    """
-    lr = _check_params(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay, optimizer=optimizer)
-    x = feats.float().to(device)
-    y = labels.long().to(device)
-    if standardize:
-        mean, std = x.mean(dim=0), x.std(dim=0)
-        # Constant dimensions (e.g. a border pixel) stay unscaled instead of dividing by ~0.
-        std = torch.where(std > 1e-6, std, torch.ones_like(std))
-    else:
-        mean, std = torch.zeros(x.shape[1], device=device), torch.ones(x.shape[1], device=device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        head = LinearHead(mean, std, num_classes, bn=bn_head).to(device)
-    cfg = OptimConfig(name=optimizer, lr=lr, lr_scaling="none", weight_decay=weight_decay, momentum=0.9,
-                      schedule="cosine", min_lr=0.0)
-    opt = build_optimizer(param_groups(head), cfg, lr)
-    generator = torch.Generator().manual_seed(seed)
-    steps_per_epoch = math.ceil(x.shape[0] / batch_size)
-    # BatchNorm needs two rows per batch in training mode; a last batch of one is dropped.
-    keep_last = x.shape[0] % batch_size != 1 or not bn_head
-    head.train()
-    epoch_loss = float("nan")
-    for epoch in range(epochs):
-        order = torch.randperm(x.shape[0], generator=generator).to(device)
-        total, seen = 0.0, 0
-        for step in range(steps_per_epoch):
-            idx = order[step * batch_size : (step + 1) * batch_size]
-            if idx.numel() == 1 and not keep_last:
-                continue
-            apply_schedules(opt, cfg, lr, epoch + step / steps_per_epoch, epochs)
-            loss = F.cross_entropy(head(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * idx.numel()
-            seen += idx.numel()
-        epoch_loss = total / max(seen, 1)
-        if not math.isfinite(epoch_loss):
-            raise UserError(f"the linear probe diverged (loss {epoch_loss}) in epoch {epoch + 1}; lower --lr")
-    return head.eval(), epoch_loss
-
-
-def _check_params(*, epochs: int, lr: float | None, batch_size: int, weight_decay: float, optimizer: str) -> float:
-    """Checks the probe's settings; returns the learning rate to use."""
-    if optimizer not in DEFAULT_LR:
-        raise UserError(f"unknown optimizer '{optimizer}'; use one of {', '.join(DEFAULT_LR)}")
-    if epochs < 1:
-        raise UserError(f"--epochs must be at least 1, got {epochs}")
-    lr = DEFAULT_LR[optimizer] if lr is None else lr
-    if not lr > 0:
-        raise UserError(f"--lr must be positive, got {lr}")
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    if weight_decay < 0:
-        raise UserError(f"--weight-decay must be non-negative, got {weight_decay}")
-    return lr
+    metrics: dict[str, Any]
+    params: dict[str, Any]
 
 
 def state_fingerprint(module: nn.Module) -> dict[str, str]:
@@ -138,8 +57,125 @@ def state_fingerprint(module: nn.Module) -> dict[str, str]:
 
 
 @torch.no_grad()
-def _predict(head: nn.Module, feats: torch.Tensor, batch_size: int, device: torch.device | str) -> torch.Tensor:
-    return torch.cat([head(feats[i : i + batch_size].to(device)).cpu() for i in range(0, feats.shape[0], batch_size)])
+def _scores(head: nn.Module, feats: torch.Tensor, device: torch.device | str, chunk: int = 4096) -> torch.Tensor:
+    """Class scores ``[N, C]`` of ``head`` on ``feats [N, D]``, on the CPU, in chunks (bounded memory)."""
+    return torch.cat([head(feats[i : i + chunk].to(device)).float().cpu() for i in range(0, feats.shape[0], chunk)])
+
+
+def _as_values(value: float | Sequence[float] | None) -> list[float] | None:
+    return None if value is None else [value] if isinstance(value, (int, float)) else list(value)
+
+
+def _label(fit: HeadFit, settings: ProbeSettings) -> str:
+    """A sweep table key naming what varies: ``lr=0.1``, ``wd=0.001`` or ``lr=0.1 wd=0.001``."""
+    parts = []
+    if len(settings.lrs) > 1:
+        parts.append(f"lr={fit.lr}")
+    if len(settings.weight_decays) > 1:
+        parts.append(f"wd={fit.weight_decay}")
+    return " ".join(parts)
+
+
+def probe_features(feats: LabelledFeatures, settings: ProbeSettings, *, val_fraction: float | None = None,
+                   device: torch.device | str = "cpu", seed: int = 0,
+                   log: Callable[[str], None] | None = None) -> ProbeReport:
+    """Trains the head(s) of ``settings`` on cached features and scores them (see the module docstring).
+
+    ``val_fraction``: hold out that class-balanced fraction of the train rows (required for a sweep).
+    Metrics: ``top1`` / ``top5`` on the test split, ``train_top1`` / ``train_loss`` on the probe's
+    training rows; with a validation split ``val_top1`` / ``val_loss`` and the row counts; for a sweep
+    ``sweep = {key: {lr, weight_decay, val_top1, val_loss, test_top1, train_loss}}`` (None: diverged).
+    """
+    if settings.is_sweep and not val_fraction:
+        raise UserError("a sweep of several --lr / --weight-decay values chooses on a validation split; "
+                        "pass --val-fraction between 0 and 1 (e.g. 0.1)")
+    train_x, train_y = feats.train_x, feats.train_y
+    val_x = val_y = None
+    if val_fraction:
+        train_rows, val_rows = validation_split(feats.train_y, val_fraction, seed)
+        train_x, train_y, val_x, val_y = (feats.train_x[train_rows], feats.train_y[train_rows],
+                                          feats.train_x[val_rows], feats.train_y[val_rows])
+    fits = fit_probe_heads(train_x, train_y, num_classes=feats.num_classes, settings=settings, device=device, seed=seed)
+    raise_if_diverged(fits)
+    rows: list[tuple[HeadFit, dict[str, Any]]] = []
+    for fit in fits:
+        row: dict[str, Any] = {"lr": fit.lr, "weight_decay": fit.weight_decay, "val_top1": None, "val_loss": None,
+                               "test_top1": None, "train_loss": None}
+        if fit.diverged_epoch is None:
+            row.update(train_loss=fit.train_loss, test_top1=topk_accuracy(_scores(fit.head, feats.test_x, device),
+                                                                          feats.test_y, ks=(1,))["top1"])
+            if val_x is not None and val_y is not None:
+                val_scores = _scores(fit.head, val_x, device)
+                row.update(val_top1=topk_accuracy(val_scores, val_y, ks=(1,))["top1"],
+                           val_loss=float(F.cross_entropy(val_scores, val_y.long())))
+        rows.append((fit, row))
+        if log is not None and settings.is_sweep:
+            log(f"{_label(fit, settings)}: " + ("diverged" if fit.diverged_epoch else
+                                                f"val top1 {row['val_top1']:.4f}, test top1 {row['test_top1']:.4f}"))
+    usable = [(fit, row) for fit, row in rows if fit.diverged_epoch is None]
+    best, best_row = max(usable, key=lambda item: (item[1]["val_top1"] or 0.0, -(item[1]["val_loss"] or 0.0)))
+    if log is not None:
+        trained = f"{settings.epochs} epochs" if settings.solver == "minibatch" else "L-BFGS"
+        log(f"linear head ({settings.protocol}, {trained}) final train loss {best.train_loss:.4f}")
+    train_top1 = topk_accuracy(_scores(best.head, train_x, device), train_y, ks=(1,))["top1"]
+    metrics: dict[str, Any] = {**topk_accuracy(_scores(best.head, feats.test_x, device), feats.test_y),
+                               "train_top1": train_top1, "train_loss": best.train_loss}
+    if val_x is not None:
+        metrics.update(val_top1=best_row["val_top1"], val_loss=best_row["val_loss"], train_samples=train_x.shape[0],
+                       val_samples=val_x.shape[0])
+    if settings.is_sweep:
+        metrics["sweep"] = {_label(fit, settings): row for fit, row in rows}
+    params = settings.for_rows(train_x.shape[0]).as_params((best.lr, best.weight_decay))
+    return ProbeReport(metrics, {**params, "val_fraction": val_fraction})
+
+
+def few_shot_probe(feats: LabelledFeatures, settings: ProbeSettings, *, shots: Sequence[int], seeds: Sequence[int],
+                   device: torch.device | str = "cpu") -> ProbeReport:
+    """``metrics["few_shot"] = {str(k): {mean, std, runs}}``: test top-1 of a ``settings`` probe on ``k``
+    train images per class, one run per seed (balanced, seeded draws; the head is seeded alike)."""
+    if settings.is_sweep:
+        raise UserError("--shots takes one --lr and one --weight-decay (a sweep would need a validation split "
+                        "the few shots cannot spare)")
+    def head_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, seed: int) -> torch.Tensor:
+        fits = fit_probe_heads(train_x, train_y, num_classes=feats.num_classes, settings=settings, device=device,
+                               seed=seed)
+        raise_if_diverged(fits)
+        return _scores(fits[0].head, test_x, device).argmax(1)
+
+    probe: ShotProbe = head_probe
+    if settings.solver == "lbfgs":
+        probe = lbfgs_probe(feats.num_classes, weight_decay=settings.weight_decays[0], max_iter=settings.max_iter,
+                            standardize=settings.standardize)
+    curve = few_shot_curve(feats.train_x, feats.train_y, feats.test_x, feats.test_y, feats.num_classes,
+                           shots=tuple(shots), seeds=tuple(seeds), probe=probe)
+    return ProbeReport({"few_shot": curve}, {**settings.as_params(), "shots": sorted(set(shots)),
+                                             "seeds": list(seeds)})
+
+
+def resolve_probe(protocol: str | None, *, epochs: int | None = None, lr: float | Sequence[float] | None = None,
+                  weight_decay: float | Sequence[float] | None = None, optimizer: str | None = None,
+                  bn_head: bool | None = None, standardize: bool | None = None, batch_size: int | None = None,
+                  val_fraction: float | None = None, shots: Sequence[int] = (),
+                  seeds: int = 3) -> tuple[ProbeSettings, float | None]:
+    """Checks a probe's options without touching data; returns its settings and validation fraction.
+
+    The protocol defaults to ``fast`` with ``shots``, else ``custom``; ``val_fraction`` to 0.1 for a sweep.
+    """
+    settings = resolve_protocol(protocol or ("fast" if shots else "custom"), epochs=epochs, lr=_as_values(lr),
+                                weight_decay=_as_values(weight_decay), optimizer=optimizer, batch_size=batch_size,
+                                bn_head=bn_head, standardize=standardize)
+    if shots:
+        shots_for_curve(shots)
+        if seeds < 1:
+            raise UserError(f"--seeds must be at least 1, got {seeds}")
+        if val_fraction is not None or settings.is_sweep:
+            raise UserError("--shots trains each few-shot probe with one --lr / --weight-decay and no "
+                            "--val-fraction; drop the sweep or the shots")
+    elif val_fraction is None and settings.is_sweep:
+        val_fraction = DEFAULT_VAL_FRACTION
+    if val_fraction is not None and not 0 < val_fraction < 1:
+        raise UserError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}; e.g. 0.1")
+    return settings, val_fraction
 
 
 def linear_probe(
@@ -148,37 +184,42 @@ def linear_probe(
     test_source: DataSource,
     transform: Callable[[Any], torch.Tensor],
     *,
-    epochs: int = 100,
-    lr: float | None = None,
-    batch_size: int = 256,
-    weight_decay: float = 0.0,
-    optimizer: Optimizer = "sgd",
-    bn_head: bool = False,
-    standardize: bool = True,
+    protocol: str | None = None,
+    epochs: int | None = None,
+    lr: float | Sequence[float] | None = None,
+    weight_decay: float | Sequence[float] | None = None,
+    optimizer: str | None = None,
+    bn_head: bool | None = None,
+    standardize: bool | None = None,
+    batch_size: int | None = None,
+    val_fraction: float | None = None,
+    shots: Sequence[int] = (),
+    seeds: int = 3,
     device: torch.device | str = "cpu",
     seed: int = 0,
     num_workers: int = 0,
     log: Callable[[str], None] | None = None,
-) -> dict[str, float]:
-    """Trains a linear classifier on the frozen encoder's train-split features.
+    cache: FeatureCache | None = None,
+) -> ProbeReport:
+    """Probes the frozen encoder's features of ``train_source`` / ``test_source`` (reused from ``cache`` if given).
 
-    Returns ``top1`` / ``top5`` on the test split, ``train_top1`` and the final ``train_loss``;
-    ``log`` gets progress lines.  Raises ``RuntimeError`` if the backbone's state changed at
-    all during the probe.
+    ``protocol``: ``custom`` (default), ``moco``, ``mae`` or ``fast`` (default with ``shots``); every
+    other non-None option overrides the protocol's value.  ``lr`` / ``weight_decay`` may be lists (a
+    sweep, choosing on ``val_fraction``, default 0.1, of the train split).  ``batch_size``: images per
+    forward pass (default 256) and, when given, the probe's batch.  ``shots``: few-shot probes instead,
+    ``seeds`` draws each (seeds ``seed .. seed + seeds - 1``).  Raises ``RuntimeError`` if the
+    backbone's state changed at all during the probe.
     """
-    _check_params(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay, optimizer=optimizer)
+    settings, val_fraction = resolve_probe(protocol, epochs=epochs, lr=lr, weight_decay=weight_decay,
+                                           optimizer=optimizer, bn_head=bn_head, standardize=standardize,
+                                           batch_size=batch_size, val_fraction=val_fraction, shots=shots, seeds=seeds)
     before = state_fingerprint(encoder)
-    feats = extract_labelled(encoder, train_source, test_source, transform, batch_size=batch_size,
-                             device=device, num_workers=num_workers, log=log)
-    head, train_loss = fit_linear_head(
-        feats.train_x, feats.train_y, num_classes=feats.num_classes, epochs=epochs, lr=lr, batch_size=batch_size,
-        weight_decay=weight_decay, optimizer=optimizer, bn_head=bn_head, standardize=standardize,
-        device=device, seed=seed,
-    )
-    if log is not None:
-        log(f"linear head trained for {epochs} epochs (final loss {train_loss:.4f})")
-    test = topk_accuracy(_predict(head, feats.test_x, batch_size, device), feats.test_y)
-    train = topk_accuracy(_predict(head, feats.train_x, batch_size, device), feats.train_y, ks=(1,))
+    feats = extract_labelled(encoder, train_source, test_source, transform, batch_size=batch_size or 256,
+                             device=device, num_workers=num_workers, log=log, cache=cache)
+    if shots:
+        report = few_shot_probe(feats, settings, shots=shots, seeds=range(seed, seed + seeds), device=device)
+    else:
+        report = probe_features(feats, settings, val_fraction=val_fraction, device=device, seed=seed, log=log)
     after = state_fingerprint(encoder)
     changed = sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
     if changed:
@@ -186,4 +227,4 @@ def linear_probe(
             f"the frozen backbone changed during the linear probe ({len(changed)} tensors, e.g. {changed[:3]}); "
             "this is a bug in sslcli"
         )
-    return {**test, "train_top1": train["top1"], "train_loss": train_loss}
+    return report

@@ -12,13 +12,14 @@ zeros, so a fit is a deterministic function of its inputs.  The bias is not pena
 Few-shot curves: for each shot count ``k`` and seed, :func:`balanced_shots` draws ``k`` training
 samples per class, the features are standardised with that subset's mean and std,
 ``z = (x - mu) / sigma`` (tiny ``sigma`` replaced by 1), the probe is fitted, and top-1 on the
-whole test split is recorded; the curve reports mean and std over seeds.
+whole test split is recorded; the curve reports mean and std over seeds.  The fit is pluggable
+(:data:`ShotProbe`), so ``sslcli linear-probe --shots`` runs the same loop with any probe protocol.
 """
 
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +59,15 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, weight_d
         loss.backward()
         return loss
 
-    optimizer.step(closure)
+    # L-BFGS's many tiny vector ops gain nothing from threads, and on a shared CPU (a busy cluster
+    # node) OpenMP's spin-waiting made each 5k-element dot ~4000x slower (measured: 54 s vs 0.16 s).
+    threads = torch.get_num_threads()
+    if x.device.type == "cpu" and x.numel() < 1 << 22:
+        torch.set_num_threads(1)
+    try:
+        optimizer.step(closure)
+    finally:
+        torch.set_num_threads(threads)
     return weight.detach(), bias.detach()
 
 
@@ -98,43 +107,69 @@ def shots_for_curve(shots: Sequence[int]) -> list[int]:
     return sorted(set(shots))
 
 
-def standardise(train: torch.Tensor, test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x - mu) / sigma`` of both ``[n, D]`` and ``[m, D]`` with the training rows' statistics.
+def standardise(train: torch.Tensor, *others: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``(x - mu) / sigma`` of ``train [n, D]`` and of each ``[m, D]`` in ``others``, with the training rows'
+    statistics; returns ``(train, *others)`` standardised.
 
     A feature constant on the few training rows (``sigma <= 1e-6 max sigma``, always at 1 shot of a
     feature shared by the classes) keeps ``sigma = 1``: dividing by ~0 would blow up its test values.
     """
+    mu, sigma = feature_stats(train)
+    return tuple((x - mu) / sigma for x in (train, *others))
+
+
+def feature_stats(train: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mu [D], sigma [D])`` of :func:`standardise`: population std, near-constant features at 1."""
     mu = train.mean(0)
     sigma = train.std(0, unbiased=False)
-    sigma = torch.where(sigma <= 1e-6 * sigma.max(), torch.ones_like(sigma), sigma)
-    return (train - mu) / sigma, (test - mu) / sigma
+    return mu, torch.where(sigma <= 1e-6 * sigma.max(), torch.ones_like(sigma), sigma)
+
+
+# A few-shot probe: (train_x [n, D], train_y [n], test_x [m, D], seed) -> predicted classes [m].
+ShotProbe = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+def lbfgs_probe(num_classes: int, *, weight_decay: float = 1e-3, max_iter: int = 200,
+                standardize: bool = True) -> ShotProbe:
+    """The default :data:`ShotProbe`: standardise with the shots' statistics, fit :func:`fit_logistic`
+    in float64 (deterministic, so the seed is unused), predict."""
+
+    def probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, seed: int) -> torch.Tensor:
+        x_train, x_test = train_x.detach().double(), test_x.detach().double()
+        if standardize:
+            x_train, x_test = standardise(x_train, x_test)
+        weight, bias = fit_logistic(x_train, train_y, num_classes, weight_decay=weight_decay, max_iter=max_iter)
+        return predict_logistic(x_test, weight, bias)
+
+    return probe
 
 
 def few_shot_curve(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
                    num_classes: int, shots: Sequence[int] = (1, 2, 4, 8, 16), seeds: Sequence[int] = (0, 1, 2), *,
-                   weight_decay: float = 1e-3, max_iter: int = 200) -> dict[str, dict[str, float | list[float]]]:
+                   weight_decay: float = 1e-3, max_iter: int = 200,
+                   probe: ShotProbe | None = None) -> dict[str, dict[str, float | list[float]]]:
     """Test top-1 of the probe fitted on ``k`` samples per class, for every ``k`` in ``shots``.
 
-    ``train_x [N, D]``, ``train_y [N]``, ``test_x [M, D]``, ``test_y [M]``.  Returns
-    ``{str(k): {"mean": .., "std": .., "runs": [one accuracy per seed]}}`` in ascending ``k``;
-    ``std`` is the sample standard deviation over seeds (0.0 with one seed).
+    ``train_x [N, D]``, ``train_y [N]``, ``test_x [M, D]``, ``test_y [M]``.  ``probe`` fits and predicts
+    (default: :func:`lbfgs_probe` with ``weight_decay`` and ``max_iter``); zero-shot and linear-probe
+    share this loop.  Returns ``{str(k): {"mean": .., "std": .., "runs": [one accuracy per seed]}}`` in
+    ascending ``k``; ``std`` is the sample standard deviation over seeds (0.0 with one seed).
     """
     if not seeds:
         raise UserError("no seeds given; pass at least one --seed")
     if test_x.ndim != 2 or test_y.shape != (test_x.shape[0],) or test_x.shape[0] == 0:
         raise UserError(f"test features {tuple(test_x.shape)} and labels {tuple(test_y.shape)} do not match; "
                         "pass [m, D] and [m]")
-    train_x, test_x = train_x.detach().double(), test_x.detach().double()
-    test_y = test_y.to(test_x.device).long()
+    probe = probe or lbfgs_probe(num_classes, weight_decay=weight_decay, max_iter=max_iter)
+    train_y = train_y.to(train_x.device).long()
+    test_y = test_y.long()
     curve: dict[str, dict[str, float | list[float]]] = {}
     for k in shots_for_curve(shots):
         runs = []
         for seed in seeds:
             idx = balanced_shots(train_y, k, seed).to(train_x.device)
-            x_train, x_test = standardise(train_x[idx], test_x)
-            weight, bias = fit_logistic(x_train, train_y.to(train_x.device)[idx], num_classes,
-                                        weight_decay=weight_decay, max_iter=max_iter)
-            runs.append(float((predict_logistic(x_test, weight, bias) == test_y).double().mean()))
+            predicted = probe(train_x[idx], train_y[idx], test_x, seed)
+            runs.append(float((predicted.cpu() == test_y.cpu()).double().mean()))
         std = statistics.stdev(runs) if len(runs) > 1 else 0.0
         curve[str(k)] = {"mean": statistics.fmean(runs), "std": std, "runs": runs}
     return curve
