@@ -18,6 +18,8 @@ from typing import Any, Literal
 import yaml
 
 from sslcli.augment import AugmentConfig, ViewConfig
+from sslcli.config_checks import check_ranges, read_yaml
+from sslcli.data.loader import StreamOptions
 from sslcli.engine.optim import OptimConfig
 from sslcli.errors import UserError, suggest
 
@@ -37,7 +39,13 @@ class PretrainConfig:
     sync_bn: bool = True
     freeze_patch_embed: bool = False  # MoCo v3's random, frozen ViT patch projection
     log_every: int = 10
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # the newest ones; the best (lowest epoch-mean loss) is kept as well
+    checkpoint_every: int = 0  # optimiser steps between mid-epoch checkpoints; 0: at epoch ends only
+    accum_steps: int = 1  # gradient accumulation: each batch runs as this many equal micro-batches
+    compile: bool = False  # torch.compile the model
+    max_bad_steps: int = 20  # consecutive steps with a NaN/inf loss or gradient before the run stops
+    max_bad_fraction: float = 0.1  # share of unreadable samples above which the run stops
+    loader: StreamOptions = field(default_factory=StreamOptions)  # split by shard/sample, resampled, buffer
     optim: OptimConfig = field(default_factory=OptimConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     method_args: dict[str, Any] = field(default_factory=dict)
@@ -142,7 +150,7 @@ def load_recipe(method: str, recipe: str | None) -> dict:
     if path.suffix in (".yaml", ".yml"):
         if not path.exists():
             raise UserError(f"recipe file '{recipe}' does not exist; pass a variant name or an existing YAML file")
-        user = yaml.safe_load(path.read_text()) or {}
+        user = read_yaml(path, "recipe file") or {}
         if not isinstance(user, dict):
             raise UserError(f"recipe file '{recipe}' must hold a mapping of config keys")
         user.pop("variants", None)
@@ -235,6 +243,7 @@ def build_config(method: str, recipe: str | None = None, options: dict[str, Any]
     for key, value in [parse_override(item) for item in sets or []]:
         data = set_path(data, key, value)
     cfg = from_dict(PretrainConfig, data)
+    check_ranges(cfg)
     check_method_args(method, cfg.method_args)
     return cfg
 

@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+Result = TypeVar("Result")
 
 
 def is_initialized() -> bool:
@@ -34,12 +39,24 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def launched_world_size() -> int:
+    """The world size torchrun launched (``WORLD_SIZE``), known before the process group is joined."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def collective_device() -> torch.device:
+    """Where tensors must live for a collective: the current GPU under nccl, else the CPU."""
+    if is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def init_from_env(device: torch.device) -> bool:
     """Joins the process group when launched by torchrun; returns whether it did.
 
     gloo for CPU runs, nccl for CUDA.  A single-process launch is left untouched.
     """
-    if int(os.environ.get("WORLD_SIZE", 1)) <= 1 or is_initialized():
+    if launched_world_size() <= 1 or is_initialized():
         return is_initialized()
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
@@ -131,13 +148,50 @@ def broadcast_(x: torch.Tensor, src: int = 0) -> torch.Tensor:
     return x
 
 
-def broadcast_object(obj: object, src: int = 0) -> object:
-    """Sends a picklable object from ``src`` to all ranks (used for run metadata only)."""
+def broadcast_object(obj: Result, src: int = 0) -> Result:
+    """Sends a picklable object from ``src`` to all ranks (run metadata and results, not bulk tensors)."""
     if not is_initialized() or world_size() == 1:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src)
+    dist.broadcast_object_list(box, src, device=collective_device())
     return box[0]
+
+
+def all_true(flag: bool) -> bool:
+    """Whether ``flag`` holds on every rank (so that all ranks take the same branch)."""
+    if not is_initialized() or world_size() == 1:
+        return flag
+    value = torch.tensor([int(flag)], device=collective_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
+def _picklable(obj: object) -> bool:
+    try:
+        pickle.dumps(obj)
+    except Exception:  # noqa: BLE001 - anything pickle raises means "send something else"
+        return False
+    return True
+
+
+def on_main(work: Callable[[], Result]) -> Result:
+    """Runs ``work`` on rank 0 only and returns its result on every rank; the others wait for it.
+
+    Writing files, printing tables and fitting on gathered data happen once.  An exception on rank 0 is
+    raised on every rank, so no rank waits forever for a result that will not come.
+    """
+    if not is_initialized() or world_size() == 1:
+        return work()
+    outcome: tuple[bool, object] = (True, None)
+    if is_main():
+        try:
+            outcome = (True, work())
+        except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
+            outcome = (False, err if _picklable(err) else RuntimeError(f"{type(err).__name__}: {err}"))
+    ok, value = broadcast_object(outcome)
+    if not ok:
+        raise value  # type: ignore[misc]
+    return value  # type: ignore[return-value]
 
 
 def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -17,5 +17,5 @@ class UserError(Exception):
 
 def suggest(name: str, choices: Iterable[str], n: int = 3) -> str:
     """A ' (did you mean: a, b?)' suffix listing the closest names, or ''."""
-    close = difflib.get_close_matches(name, list(choices), n=n, cutoff=0.5)
+    close = difflib.get_close_matches(name, list(dict.fromkeys(choices)), n=n, cutoff=0.5)  # aliases repeat names
     return f" (did you mean: {', '.join(close)}?)" if close else ""

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from sslcli import distributed as dist
 from sslcli.augment import eval_transform
 from sslcli.data.reader import DataSource, resolve_source
 from sslcli.engine.device import resolve_device
@@ -41,6 +42,12 @@ from sslcli.models.classifier import Classifier, load_classifier, save_classifie
 
 CLASSIFIER = "classifier.safetensors"
 BEST = "best.safetensors"
+
+
+def _check_single_process(command: str) -> None:
+    if dist.launched_world_size() > 1:
+        raise UserError(f"sslcli {command} runs in a single process for now, not under torchrun with "
+                        f"{dist.launched_world_size()} processes; launch it with `sslcli {command} ...` on one device")
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -106,6 +113,7 @@ def finetune(source: str, data: str, out: Path, *, settings: TrainSettings, keep
     the best epoch's classifier in ``OUT/best.safetensors``.
     """
     started = time.perf_counter()
+    _check_single_process("finetune")
     settings.check()
     if random_init and keep_proj_layers:
         raise UserError("--random-init has no pretrained projector to keep; drop --keep-proj-layers")
@@ -168,6 +176,7 @@ def distill(teacher_path: Path, data: str, out: Path, *, settings: TrainSettings
     teacher's architecture, i.e. self-distillation), with a fresh linear head.
     """
     started = time.perf_counter()
+    _check_single_process("distill")
     if student_arch and student_init:
         raise UserError("--arch gives a random-init student and --init a pretrained one; pass only one")
     if not temperature > 0:

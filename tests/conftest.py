@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from sslcli.data.synth import generate_synthetic
 
@@ -18,9 +19,28 @@ def _feature_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         yield
 
 
+@pytest.fixture(autouse=True)
+def _default_log_settings() -> Iterator[None]:
+    """A CLI call's --quiet / --log-format / --tensorboard stay set in the process: reset them per test."""
+    from sslcli.engine.metrics import configure
+
+    yield
+    configure()
+
+
 @pytest.fixture(scope="session")
 def synth_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A generated dataset directory: 600 train + 300 test images of 32 px in 200-sample shards."""
     out = tmp_path_factory.mktemp("synth") / "shapes"
     generate_synthetic(out, train=600, test=300, size=32, seed=0, shard_size=200)
     return out
+
+
+@pytest.fixture(scope="module")
+def single_thread() -> Iterator[None]:
+    """One intra-op thread for a module's tests: tiny tensors only pay OpenMP spin-waits for more on a busy
+    machine, and a subprocess run with OMP_NUM_THREADS=1 then sums floats in the same order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -9,12 +9,15 @@ import sys
 from pathlib import Path
 
 SCRIPTS = Path(__file__).parent / "dist"
-# One thread per process: two ranks on a 2-core machine would otherwise oversubscribe it.
-_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+def _env() -> dict[str, str]:
+    # Read at launch, not import, so fixtures' variables (SSLCLI_CACHE) reach the processes; one
+    # thread per process, since two ranks on a 2-core machine would otherwise oversubscribe it.
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def _run(cmd: list[str]) -> None:
-    proc = subprocess.run(cmd, env=_ENV, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 

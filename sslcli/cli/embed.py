@@ -46,6 +46,7 @@ def embed_command(
     cache: Cache = True,
 ) -> None:
     """Writes a split's frozen features (with labels) and their 2-D PCA map; t-SNE too with scikit-learn."""
+    from sslcli import distributed as dist
     from sslcli.data.reader import resolve_source
     from sslcli.engine.device import resolve_device
     from sslcli.engine.metrics import info
@@ -57,6 +58,7 @@ def embed_command(
     if out is not None:
         check_features_path(out)  # before the (possibly long) extraction
     torch_device = resolve_device(device)
+    dist.init_from_env(torch_device)  # under torchrun the ranks share feature extraction
     data_source = resolve_source(data, split)
     encoder, encoder_info = resolve_encoder(source, arch=arch, random_init=random_init, raw_pixels=raw_pixels,
                                             image_size=image_size, crop_pct=crop_pct, seed=seed, layer=layer)
@@ -67,12 +69,12 @@ def embed_command(
                    batch_size=batch_size, device=torch_device, num_workers=num_workers, seed=seed,
                    cache=feature_cache_for(encoder_info, log=info) if cache else None, log=info)
     files = {"features": result.features_path, "pca_png": result.pca_png, "tsne_png": result.tsne_png}
-    path = write_results(
+    path = dist.on_main(lambda: write_results(  # rank 0 writes; the other ranks wait
         results or default_results_path(encoder_info, "embed"), command="embed", metrics=result.metrics,
         encoder=encoder_info, data=describe_data(data, {"embed": (split, data_source)}),
         params={"split": split, "batch_size": batch_size, "seed": seed, "layer": layer, "device": str(torch_device),
-                "files": files}, started=started,
-    )
+                "world_size": dist.world_size(), "files": files}, started=started,
+    ))
     ratios = result.metrics["pca_explained_variance_ratio"]
     info(f"features written to {result.features_path}; PCA map ({100 * ratios[0]:.1f}% + {100 * ratios[1]:.1f}% "
          f"of the variance) to {result.pca_png}" + (f"; t-SNE map to {result.tsne_png}" if result.tsne_png else ""))

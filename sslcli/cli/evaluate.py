@@ -66,6 +66,7 @@ def _setup(command: str, source: str | None, data: str, *, arch: str | None, ran
            image_size: int | None, crop_pct: float | None, device: str, seed: int, train_split: str,
            test_split: str, layer: int | None, cache: bool = True) -> _Setup:
     """Resolves device, data and encoder, cheapest checks first so bad input fails fast."""
+    from sslcli import distributed as dist
     from sslcli.data.reader import resolve_source
     from sslcli.engine.device import resolve_device
     from sslcli.engine.metrics import info as log
@@ -73,6 +74,7 @@ def _setup(command: str, source: str | None, data: str, *, arch: str | None, ran
     from sslcli.evaluation.feature_cache import feature_cache_for
 
     torch_device = resolve_device(device)
+    dist.init_from_env(torch_device)  # under torchrun the ranks share feature extraction
     splits = {"train": (train_split, resolve_source(data, train_split)),
               "test": (test_split, resolve_source(data, test_split))}
     encoder, info = resolve_encoder(source, arch=arch, random_init=random_init, raw_pixels=raw_pixels,
@@ -82,18 +84,22 @@ def _setup(command: str, source: str | None, data: str, *, arch: str | None, ran
 
 
 def _report(setup: _Setup, metrics: dict[str, Any], out: Path | None, params: dict[str, Any]) -> None:
-    """Writes the results JSON and prints the metrics table."""
+    """Writes the results JSON and prints the metrics table, on rank 0 only (the other ranks wait)."""
+    from sslcli import distributed as dist
     from sslcli.engine.metrics import info
     from sslcli.evaluation import default_results_path, describe_data, print_results, write_results
 
-    path = write_results(
-        out or default_results_path(setup.info, setup.command), command=setup.command, metrics=metrics,
-        encoder=setup.info, data=describe_data(setup.data, setup.splits),
-        params={**params, "device": str(setup.device)}, protocol=params.get("protocol", setup.command),
-        seed=params.get("seed"), started=setup.started,
-    )
-    print_results(f"{setup.command}: {setup.info.name}", metrics)
-    info(f"results written to {path}")
+    def report() -> None:
+        path = write_results(
+            out or default_results_path(setup.info, setup.command), command=setup.command, metrics=metrics,
+            encoder=setup.info, data=describe_data(setup.data, setup.splits),
+            params={**params, "device": str(setup.device), "world_size": dist.world_size()},
+            protocol=params.get("protocol", setup.command), seed=params.get("seed"), started=setup.started,
+        )
+        print_results(f"{setup.command}: {setup.info.name}", metrics)
+        info(f"results written to {path}")
+
+    dist.on_main(report)
 
 
 def knn_command(

@@ -140,19 +140,59 @@ def count_tar_samples(path: Path) -> int:
     return count
 
 
+# Transparent pixels are composited onto white, the background most images with alpha were drawn for;
+# dropping alpha instead would show whatever colour the invisible pixels happen to store.
+ALPHA_BACKGROUND = (255, 255, 255)
+
+
+def _within_pixel_limit(image: Image.Image) -> bool:
+    """Whether ``image`` (opened, not yet loaded) decodes to at most PIL's ``MAX_IMAGE_PIXELS``; a larger JPEG
+    is shrunk while decoding (by up to 8 per side, JPEG's DCT scaling) when that brings it within the limit."""
+    limit = Image.MAX_IMAGE_PIXELS
+    width, height = image.size
+    if limit is None or width * height <= limit:
+        return True
+    if image.format == "JPEG":
+        scale = next((s for s in (2, 4, 8) if (width // s) * (height // s) <= limit), 8)
+        image.draft("RGB", (width // scale, height // scale))  # the smallest DCT scale giving at least this
+        return image.size[0] * image.size[1] <= limit
+    return False
+
+
+def _as_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB: 16- and 32-bit integer greys scaled from 0-65535, float greys clipped to
+    0-255, CMYK and YCbCr converted, alpha composited onto :data:`ALPHA_BACKGROUND`."""
+    if image.mode.startswith("I"):  # I;16, I;16B, I: 16-bit PNGs and TIFFs
+        array = np.asarray(image, dtype=np.float64) / 257.0
+        return Image.fromarray(np.clip(array, 0, 255).round().astype(np.uint8), mode="L").convert("RGB")
+    if image.mode == "F":
+        return Image.fromarray(np.clip(np.asarray(image), 0, 255).round().astype(np.uint8), mode="L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("LA", "La", "PA", "RGBa"):
+        image = image.convert("RGBA")
+    if image.mode == "RGBA":
+        background = Image.new("RGB", image.size, ALPHA_BACKGROUND)
+        background.paste(image, mask=image.getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
 def decode_rgb(data: bytes) -> Image.Image | None:
-    """Decodes image bytes to an RGB PIL image, or returns None when they are not a readable image."""
+    """Decodes image bytes to an RGB PIL image (see :func:`_as_rgb`), or returns None when they are not a
+    readable image: empty, truncated or corrupt bytes, an unknown format, or an image over PIL's
+    ``MAX_IMAGE_PIXELS`` (a decompression bomb) that cannot be decoded smaller."""
     try:
         with warnings.catch_warnings():
-            # PIL warns about palette transparency and oversized images; neither is actionable here.
+            # PIL warns about palette transparency and about images over the pixel limit, which is checked here.
             warnings.simplefilter("ignore")
             image = Image.open(io.BytesIO(data))
+            if not _within_pixel_limit(image):
+                return None
             image.load()
-            if image.mode == "P" and "transparency" in image.info:
-                image = image.convert("RGBA")
-            return image.convert("RGB")
-    # Decoders raise a zoo of types (OSError, SyntaxError, ValueError, struct.error, ...);
-    # any of them just means "this file is not a usable image".
+            return _as_rgb(image)
+    # Decoders raise a zoo of types (OSError, SyntaxError, ValueError, struct.error, DecompressionBombError,
+    # ...); any of them just means "this file is not a usable image".
     except Exception:  # noqa: BLE001
         return None
 

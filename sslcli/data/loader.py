@@ -1,28 +1,33 @@
 """Batches for training and evaluation, with exact and identical epoch lengths on every rank.
 
-All ranks and all DataLoader workers walk the same global sample stream (the same shard
-order and the same shuffle buffer, both seeded by ``(seed, epoch)``) and each keeps only its
-own positions: stream position ``i`` belongs to rank ``i % world_size``, and within a rank
-batch ``b`` belongs to worker ``b % num_workers``. Only the kept samples are decoded, so
-the duplicated work is reading bytes, not decoding images. Because every consumer knows
-its quota in advance, ``len(loader)`` is exact and equal across ranks; an undecodable
-image is replaced by the previous good one of the same consumer so the quota still holds.
+Each rank gets ``num_samples // world_size`` samples per epoch (``epoch_samples // world_size`` when
+resampled), so ``len(loader)`` is exact and equal across ranks. How the samples are split between ranks
+and workers (by position in one global stream, by shard, or resampled) is :mod:`sslcli.data.streams`.
+
+A bad sample (an image that does not decode, is too large, or was lost to a truncated shard) is replaced
+by a good sample of the same batch, so batch sizes and positions still hold; ``batch["bad_samples"]``
+counts the replaced ones and the loader logs the first few names each epoch.
+
+Random augmentation is seeded per sample from ``(seed, epoch, rank, batch, slot)``, whatever process runs
+it, so a batch is the same with any worker count and when a resumed epoch starts at ``start_batch``.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from sslcli.data.formats import count_tar_samples, decode_field, decode_rgb, image_field, iter_tar_samples
+from sslcli.data.formats import decode_field, decode_rgb
+from sslcli.data.streams import Mode, Plan, Record, SplitBy, choose_mode
 from sslcli.errors import UserError
 
 if TYPE_CHECKING:
@@ -35,15 +40,34 @@ Transform = Callable[[Image.Image], "torch.Tensor | list[torch.Tensor]"]
 _REPORTED_NAMES = 5
 
 
-class _Record(NamedTuple):
-    """One undecoded sample as it comes off the stream."""
+@dataclass
+class StreamOptions:
+    """How a training loader splits and shuffles its data (``loader`` in a pretraining config).
 
-    index: int  # stable index within the split (memory banks key on it)
-    label: int  # -1 when unlabelled
-    text: str
-    image: bytes | str  # image bytes from a shard, or a file path for folders
-    origin: str  # "shard.tar:key" or the file path, for skip reports
-    extras: dict[str, bytes] | None = None  # the transform's extra fields (e.g. depth.png), shards only
+    ``split_by``: ``auto`` (by shard when there are at least 4 shards per consumer, else by sample),
+    ``shard`` or ``sample``. ``resampled``: draw shards with replacement, ``epoch_samples`` samples per
+    epoch (default: the split's size). ``prefetch``: batches each DataLoader worker prepares ahead.
+    """
+
+    split_by: SplitBy = "auto"
+    resampled: bool = False
+    epoch_samples: int | None = None
+    shuffle_buffer: int = SHUFFLE_BUFFER
+    prefetch: int = 2
+
+    def check(self) -> None:
+        """Refuses values no loader can run with, naming the option and its config key."""
+        if self.split_by not in ("auto", "shard", "sample"):
+            raise UserError(f"--split-by (loader.split_by) must be one of auto, shard, sample, got '{self.split_by}'")
+        if self.shuffle_buffer < 1:
+            raise UserError(f"--shuffle-buffer (loader.shuffle_buffer) must be at least 1, got {self.shuffle_buffer}")
+        if self.prefetch < 1:
+            raise UserError(f"--prefetch (loader.prefetch) must be at least 1 batch per worker, got {self.prefetch}")
+        if self.epoch_samples is not None and not self.resampled:
+            raise UserError("--epoch-samples (loader.epoch_samples) sets the length of a resampled epoch; "
+                            "add --resampled or drop it")
+        if self.epoch_samples is not None and self.epoch_samples < 1:
+            raise UserError(f"--epoch-samples (loader.epoch_samples) must be at least 1, got {self.epoch_samples}")
 
 
 @dataclass
@@ -54,33 +78,7 @@ class _Failure:
     message: str
 
 
-def _parse_int(fields: dict[str, bytes], name: str, origin: str) -> int | None:
-    """An ASCII integer field (``cls``, ``idx``), None when absent."""
-    raw = fields.get(name)
-    if raw is None:
-        return None
-    try:
-        return int(raw.decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError):
-        message = f"sample '{origin}' has a non-integer '{name}' field {raw[:20]!r}; regenerate the shard"
-        raise UserError(message) from None
-
-
-def _shuffled(records: Iterator[_Record], rng: np.random.Generator, capacity: int) -> Iterator[_Record]:
-    """Streaming shuffle: keep ``capacity`` records, emit a random one as each new one arrives."""
-    buffer: list[_Record] = []
-    for record in records:
-        if len(buffer) < capacity:
-            buffer.append(record)
-            continue
-        slot = int(rng.integers(capacity))
-        yield buffer[slot]
-        buffer[slot] = record
-    rng.shuffle(buffer)  # type: ignore[arg-type]  # numpy shuffles lists in place
-    yield from buffer
-
-
-def _collate(outputs: list[Any], records: list[_Record]) -> dict[str, Any]:
+def _collate(outputs: list[Any], records: list[Record]) -> dict[str, Any]:
     """Stacks transform outputs (one tensor, or one tensor per view) and the metadata."""
     first = outputs[0]
     if isinstance(first, torch.Tensor):
@@ -96,94 +94,20 @@ def _collate(outputs: list[Any], records: list[_Record]) -> dict[str, Any]:
 
 
 class _BatchStream(IterableDataset):
-    """Yields ``(batch, skipped_origins)`` for this rank and worker, or a :class:`_Failure`."""
+    """Yields ``(batch, bad_origins)`` for this rank and worker, or a :class:`_Failure`."""
 
-    def __init__(
-        self,
-        source: DataSource,
-        transform: Transform,
-        *,
-        batch_size: int,
-        shuffle: bool,
-        seed: int,
-        drop_last: bool,
-        rank: int,
-        world_size: int,
-    ) -> None:
-        self.source = source
+    def __init__(self, plan: Plan, transform: Transform, *, rank: int, world_size: int, roles: int) -> None:
+        self.plan = plan
         self.transform = transform
-        # A transform with ``extra_fields`` (field -> channels, e.g. MultiView's) is called as
-        # transform(image, {field: [C, H, W] tensor in [0, 1]}); shards must carry those fields.
-        self.extra_fields: dict[str, int] = dict(getattr(transform, "extra_fields", None) or {})
-        if self.extra_fields and source.kind != "shards":
-            raise UserError(f"extra views ({', '.join(self.extra_fields)}) are read from shard fields, but "
-                            f"'{source.spec}' is an image folder; write shards whose samples carry them, or "
-                            f"train without them: --set 'method_args.extra_views={{}}'")
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.seed = seed % 2**63  # numpy seed sequences take non-negative integers only
         self.rank = rank
         self.world_size = world_size
-        self.epoch = 0
-        self.quota = source.num_samples // world_size
-        self.batches = self.quota // batch_size if drop_last else -(-self.quota // batch_size)
-        self._offsets: list[int] | None = None
+        self.roles = roles  # the rank's consumers: its worker count, or 1 (see sslcli.data.streams)
+        self.start_batch = 0
 
-    def _rng(self, purpose: int) -> np.random.Generator:
-        """A generator every rank and worker derives identically for this epoch."""
-        return np.random.default_rng([self.seed, self.epoch, purpose])
-
-    def _shard_offsets(self) -> list[int]:
-        """Index of each shard's first sample, for samples that carry no ``idx`` field."""
-        if self._offsets is None:
-            sizes = self.source.shard_sizes or [count_tar_samples(Path(url)) for url in self.source.urls]
-            self._offsets = [int(total) for total in np.cumsum([0, *sizes[:-1]])]
-        return self._offsets
-
-    def _shard_records(self, order: list[int]) -> Iterator[_Record]:
-        """Records of the shards in ``order``, members in tar order."""
-        for shard in order:
-            url = self.source.urls[shard]
-            for ordinal, (key, fields) in enumerate(iter_tar_samples(Path(url))):
-                origin = f"{url}:{key}"
-                index = _parse_int(fields, "idx", origin)
-                if index is None:
-                    index = self._shard_offsets()[shard] + ordinal
-                label = _parse_int(fields, "cls", origin)
-                text = fields.get("txt", b"").decode("utf-8", errors="replace")
-                image = fields[image_field(fields) or ""]
-                extras = None
-                if self.extra_fields:
-                    missing = [name for name in self.extra_fields if name not in fields]
-                    if missing:
-                        raise UserError(f"sample '{origin}' has no '{missing[0]}' field, which the method takes as "
-                                        f"an extra view; every sample needs {', '.join(self.extra_fields)} "
-                                        f"(or train without them: --set 'method_args.extra_views={{}}')")
-                    extras = {name: fields[name] for name in self.extra_fields}
-                yield _Record(index, -1 if label is None else label, text, image, origin, extras)
-
-    def _records(self) -> Iterator[_Record]:
-        """The global stream every rank and worker agrees on for this epoch, ``source.keep``'s samples only
-        for a subset (filtered before positions are dealt out, so quotas stay exact)."""
-        keep = self.source.keep
-        records = self._split_records()
-        yield from records if keep is None else (record for record in records if record.index in keep)
-
-    def _split_records(self) -> Iterator[_Record]:
-        """Every record of the split, in this epoch's order."""
-        count = len(self.source.urls)
-        order = self._rng(0).permutation(count).tolist() if self.shuffle else list(range(count))
-        if self.source.kind == "folder":
-            labels = self.source.labels
-            for i in order:
-                url = self.source.urls[i]
-                yield _Record(i, -1 if labels is None else labels[i], "", url, url)
-            return
-        records = self._shard_records(order)
-        yield from _shuffled(records, self._rng(1), SHUFFLE_BUFFER) if self.shuffle else records
-
-    def _load(self, record: _Record) -> tuple[Any, ...] | None:
-        """The transform's inputs: ``(RGB image,)`` or ``(RGB image, extras)``; None when any does not decode."""
+    def _load(self, record: Record) -> tuple[Any, ...] | None:
+        """The transform's inputs: ``(RGB image,)`` or ``(RGB image, extras)``; None for a bad sample."""
+        if record.image is None:
+            return None
         if isinstance(record.image, bytes):
             image = decode_rgb(record.image)
         else:
@@ -191,64 +115,72 @@ class _BatchStream(IterableDataset):
                 image = decode_rgb(Path(record.image).read_bytes())
             except OSError:  # a file deleted or unreadable since listing counts as undecodable
                 image = None
-        if image is None or not self.extra_fields:
+        if image is None or not self.plan.extra_fields:
             return None if image is None else (image,)
         extras = {}
-        for name, channels in self.extra_fields.items():
+        for name, channels in self.plan.extra_fields.items():
             array = decode_field((record.extras or {})[name], channels)
             if array is None:
                 return None
             extras[name] = torch.from_numpy(array).permute(2, 0, 1).contiguous()
         return image, extras
 
+    def _transformed(self, batch: int, inputs: list[tuple[Any, ...]], records: list[Record]) -> dict[str, Any]:
+        """Applies the transform with each slot's own seed; the caller's random state is left as it was."""
+        seeds = np.random.SeedSequence([self.plan.seed, self.plan.epoch, self.rank, batch])
+        torch_state, python_state = torch.random.get_rng_state(), random.getstate()
+        try:
+            outputs = []
+            for seed, args in zip(seeds.generate_state(len(inputs), np.uint64).tolist(), inputs):
+                torch.random.default_generator.manual_seed(seed)
+                random.seed(seed)
+                outputs.append(self.transform(*args))
+        finally:
+            torch.random.set_rng_state(torch_state)
+            random.setstate(python_state)
+        return _collate(outputs, records)
+
     def _batches(self) -> Iterator[tuple[dict[str, Any], list[str]]]:
-        """This consumer's batches, each with the origins of the images replaced in it."""
+        """This consumer's batches with their bad samples replaced: by the nearest good sample before them
+        in the same batch (else the first after), so a batch depends on its own records only. A batch with
+        no good sample takes the consumer's last good one, or waits for the next."""
         info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        pending_sizes = [
-            min(self.batch_size, self.quota - b * self.batch_size) for b in range(worker, self.batches, workers)
-        ]
-        needed = sum(pending_sizes)
-        outputs: list[Any] = []
-        records: list[_Record] = []
-        skipped: list[str] = []
-        last_good: tuple[tuple[Any, ...], _Record] | None = None
-        waiting = 0  # failures seen before any good image: they take the next good one
-        if not pending_sizes:
-            return
-        for position, record in enumerate(self._records()):
-            if position % self.world_size != self.rank:
+        role = ((info.id if info is not None else 0) + self.start_batch) % self.roles
+        last_good: tuple[tuple[Any, ...], Record] | None = None
+        waiting: list[tuple[int, list[Record]]] = []  # all-bad batches seen before any good sample
+        groups = self.plan.groups(self.rank, self.world_size, role, self.roles, self.start_batch)
+        for batch, records in groups:
+            loaded = [self._load(record) for record in records]
+            good = [slot for slot, inputs in enumerate(loaded) if inputs is not None]
+            if not good and last_good is None:
+                waiting.append((batch, records))
                 continue
-            batch = (position // self.world_size) // self.batch_size
-            if batch % workers != worker:
+            bad = [record.origin for record, inputs in zip(records, loaded) if inputs is None]
+            if good:
+                for slot in range(len(loaded)):
+                    if loaded[slot] is None:
+                        donor = max((g for g in good if g < slot), default=good[0])
+                        loaded[slot], records[slot] = loaded[donor], records[donor]
+                last_good = (loaded[good[-1]], records[good[-1]])  # type: ignore[assignment]
+            for held_batch, held in waiting:
+                assert last_good is not None
+                yield self._filled(held_batch, held, last_good)
+            waiting = []
+            if not good:
+                yield self._filled(batch, records, last_good)  # type: ignore[arg-type]
                 continue
-            inputs = self._load(record)
-            if inputs is None:
-                skipped.append(record.origin)
-                if last_good is None:
-                    waiting += 1
-                    continue
-                inputs, record = last_good
-            else:
-                last_good = (inputs, record)
-            for _ in range(waiting + 1):
-                outputs.append(self.transform(*inputs))
-                records.append(record)
-            waiting = 0
-            while pending_sizes and len(outputs) >= pending_sizes[0]:
-                size = pending_sizes.pop(0)
-                yield _collate(outputs[:size], records[:size]), skipped
-                outputs, records, skipped = outputs[size:], records[size:], []
-            if not pending_sizes:
-                return  # the rest of the stream belongs to other workers or ranks
-        if pending_sizes:
-            if last_good is None and waiting:
-                raise UserError(f"none of the images read from '{self.source.spec}' decode; check the data")
-            delivered = needed - sum(pending_sizes) + len(outputs)
-            raise UserError(
-                f"'{self.source.spec}' ran out of samples ({delivered} of {needed} for this process; "
-                f"{self.source.num_samples} expected); the shards changed after indexing, regenerate the dataset"
-            )
+            output = self._transformed(batch, loaded, records)  # type: ignore[arg-type]
+            output["bad_samples"] = len(bad)
+            yield output, bad
+        if waiting:
+            raise UserError(f"none of the images read from '{self.plan.source.spec}' decode; check the data")
+
+    def _filled(self, batch: int, records: list[Record],
+                good: tuple[tuple[Any, ...], Record]) -> tuple[dict[str, Any], list[str]]:
+        """A batch none of whose samples decoded, made of copies of ``good``."""
+        output = self._transformed(batch, [good[0]] * len(records), [good[1]] * len(records))
+        output["bad_samples"] = len(records)
+        return output, [record.origin for record in records]
 
     def __iter__(self) -> Iterator[tuple[dict[str, Any], list[str]] | _Failure]:
         """Runs in each DataLoader worker (or in-process without workers)."""
@@ -259,60 +191,103 @@ class _BatchStream(IterableDataset):
 
 
 class Loader:
-    """Iterable over batch dicts (``image`` or ``views``, ``label``, ``index``, ``text``).
+    """Iterable over batch dicts (``image`` or ``views``, ``label``, ``index``, ``text``, ``bad_samples``).
 
-    ``len(loader)`` is the exact number of batches per epoch, the same on every rank. Call
-    :meth:`set_epoch` before each epoch to change the shuffle; ``skipped`` counts images
-    replaced because they did not decode, for the epoch being iterated.
+    ``len(loader)`` is the exact number of batches this iteration yields, the same on every rank. Call
+    :meth:`set_epoch` before each epoch to change the shuffle; ``skipped`` counts the bad samples replaced
+    in the epoch being iterated and ``bad_names`` names the first few.
     """
 
-    def __init__(self, stream: _BatchStream, num_workers: int) -> None:
+    def __init__(self, stream: _BatchStream, num_workers: int, prefetch: int) -> None:
         self._stream = stream
-        self.num_workers = min(num_workers, stream.batches)
+        self.num_workers = num_workers
+        self.prefetch = prefetch
         self.skipped = 0
+        self.bad_names: list[str] = []
 
     @property
     def source(self) -> DataSource:
-        return self._stream.source
+        return self._stream.plan.source
+
+    @property
+    def mode(self) -> Mode:
+        """How samples are split between ranks and workers: ``sample``, ``shard`` or ``resampled``."""
+        return self._stream.plan.mode
 
     @property
     def epoch(self) -> int:
-        return self._stream.epoch
+        return self._stream.plan.epoch
+
+    @property
+    def start_batch(self) -> int:
+        return self._stream.start_batch
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches in a whole epoch (``len`` counts those from ``start_batch`` on)."""
+        return self._stream.plan.batches
 
     @property
     def num_samples(self) -> int:
-        """Samples this rank yields per epoch."""
-        return min(self._stream.quota, self._stream.batches * self._stream.batch_size)
+        """Samples this rank yields per whole epoch."""
+        plan = self._stream.plan
+        return min(plan.quota, plan.batches * plan.batch_size)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Selects the shard order and shuffle of ``epoch`` for the next iteration."""
-        self._stream.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Selects the shard order and shuffle of ``epoch`` for the next iteration, from batch ``start_batch``."""
+        if not 0 <= start_batch <= self._stream.plan.batches:
+            raise UserError(f"cannot resume at batch {start_batch} of an epoch of {self._stream.plan.batches}; "
+                            "resume with the batch size, data and world size the run started with")
+        self._stream.plan.epoch = epoch
+        self._stream.start_batch = start_batch
 
     def __len__(self) -> int:
-        return self._stream.batches
+        return self._stream.plan.batches - self._stream.start_batch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self.skipped = 0
-        skipped_names: list[str] = []
-        if self.num_workers > 0:
-            items: Any = DataLoader(self._stream, batch_size=None, num_workers=self.num_workers)
+        self.bad_names = []
+        # Worker roles are fixed by the whole epoch; fewer processes are started when fewer batches are left.
+        workers = min(self.num_workers, len(self))
+        if workers > 0:
+            items: Any = DataLoader(self._stream, batch_size=None, num_workers=workers, prefetch_factor=self.prefetch)
         else:
             items = iter(self._stream)
         for item in items:
             if isinstance(item, _Failure):
                 raise UserError(item.message)
-            batch, skipped = item
-            self.skipped += len(skipped)
-            skipped_names.extend(skipped[: _REPORTED_NAMES - len(skipped_names)])
+            batch, bad = item
+            self.skipped += len(bad)
+            for name in bad:
+                if len(self.bad_names) < _REPORTED_NAMES and name not in self.bad_names:
+                    self.bad_names.append(name)
             yield batch
         if self.skipped:
             logger.warning(
-                "skipped %d undecodable image(s) in epoch %d of '%s' (each replaced by a good neighbour), e.g. %s",
-                self.skipped,
-                self.epoch,
-                self.source.spec,
-                ", ".join(skipped_names),
-            )
+                "skipped %d undecodable or missing sample(s) in epoch %d of '%s' (each replaced by a good one of "
+                "its batch), e.g. %s", self.skipped, self.epoch, self.source.spec, ", ".join(self.bad_names))
+
+
+def epoch_batches(source: DataSource, *, batch_size: int, world_size: int = 1, drop_last: bool = True,
+                  options: StreamOptions | None = None) -> tuple[int, int]:
+    """``(samples, batches)`` per rank and epoch, the same on every rank: ``num_samples // world_size``
+    samples (``epoch_samples // world_size`` when resampled) in batches of ``batch_size``. Checks ``options``
+    too, so a caller can refuse bad settings before it writes anything."""
+    options = options or StreamOptions()
+    options.check()
+    if batch_size < 1:
+        raise UserError(f"batch size must be at least 1, got {batch_size}")
+    samples = source.num_samples if options.epoch_samples is None else options.epoch_samples
+    if samples < world_size:
+        raise UserError(f"'{source.spec}' has {samples} samples, fewer than the {world_size} processes")
+    quota = samples // world_size
+    batches = quota // batch_size if drop_last else -(-quota // batch_size)
+    if batches == 0:
+        raise UserError(
+            f"batch size {batch_size} exceeds the {quota} samples per process of '{source.spec}'; "
+            "lower --batch-size or use more data"
+        )
+    return quota, batches
 
 
 def build_loader(
@@ -327,35 +302,37 @@ def build_loader(
     drop_last: bool = True,
     rank: int = 0,
     world_size: int = 1,
+    start_batch: int = 0,
+    options: StreamOptions | None = None,
 ) -> Loader:
     """A :class:`Loader` over ``source`` for one rank of ``world_size``.
 
-    Each rank gets exactly ``num_samples // world_size`` samples per epoch. ``shuffle=False``
-    keeps stream order (shards as listed, members in tar order), which evaluation uses
-    with ``drop_last=False`` to see every sample once.
+    Each rank gets exactly ``num_samples // world_size`` samples per epoch (see :func:`epoch_batches`).
+    ``shuffle=False`` keeps stream order (shards as listed, members in tar order), which evaluation uses
+    with ``drop_last=False`` to see every sample once. ``start_batch`` resumes an epoch: the loader
+    yields the epoch's batches from that index on, the same ones (samples and augmentation) the whole
+    epoch yields there, without decoding the skipped samples. ``options`` chooses the split mode,
+    resampling, shuffle buffer and prefetch (:class:`StreamOptions`).
     """
-    if batch_size < 1:
-        raise UserError(f"batch size must be at least 1, got {batch_size}")
+    options = options or StreamOptions()
     if num_workers < 0:
         raise UserError(f"number of workers must be 0 or more, got {num_workers}")
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not within world size {world_size}")
-    if source.num_samples < world_size:
-        raise UserError(f"'{source.spec}' has {source.num_samples} samples, fewer than the {world_size} processes")
-    stream = _BatchStream(
-        source,
-        transform,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        seed=seed,
-        drop_last=drop_last,
-        rank=rank,
-        world_size=world_size,
-    )
-    if stream.batches == 0:
-        raise UserError(
-            f"batch size {batch_size} exceeds the {stream.quota} samples per process of '{source.spec}'; "
-            "lower --batch-size or use more data"
-        )
-    stream.epoch = epoch
-    return Loader(stream, num_workers)
+    quota, batches = epoch_batches(source, batch_size=batch_size, world_size=world_size, drop_last=drop_last,
+                                   options=options)
+    roles = max(1, min(num_workers, batches))
+    mode = choose_mode(options.split_by, options.resampled, source, shuffle=shuffle, consumers=world_size * roles)
+    # A transform with ``extra_fields`` (field -> channels, e.g. MultiView's) is called as
+    # transform(image, {field: [C, H, W] tensor in [0, 1]}); shards must carry those fields.
+    extra_fields: dict[str, int] = dict(getattr(transform, "extra_fields", None) or {})
+    if extra_fields and source.kind != "shards":
+        raise UserError(f"extra views ({', '.join(extra_fields)}) are read from shard fields, but "
+                        f"'{source.spec}' is an image folder; write shards whose samples carry them, or "
+                        f"train without them: --set 'method_args.extra_views={{}}'")
+    plan = Plan(source, mode, seed % 2**63, shuffle, options.shuffle_buffer, batch_size, quota, batches,
+                extra_fields)
+    stream = _BatchStream(plan, transform, rank=rank, world_size=world_size, roles=roles)
+    loader = Loader(stream, num_workers, options.prefetch)
+    loader.set_epoch(epoch, start_batch)
+    return loader

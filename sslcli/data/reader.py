@@ -1,7 +1,7 @@
 """Turning what the user typed (a directory, a pattern, a tar, an image folder) into a
 :class:`DataSource`, the one description the loader and the evaluators work from.
 
-:func:`build_loader` and :class:`Loader` live in :mod:`sslcli.data.loader` and are
+:func:`build_loader`, :class:`Loader` and :class:`StreamOptions` live in :mod:`sslcli.data.loader` and are
 re-exported here, so ``from sslcli.data.reader import build_loader`` works.
 """
 
@@ -236,6 +236,6 @@ def resolve_source(spec: str | Path, split: str = "train") -> DataSource:
     return _from_image_folder(path, text, split)
 
 
-from sslcli.data.loader import Loader, build_loader  # noqa: E402  (re-export; loader needs DataSource)
+from sslcli.data.loader import Loader, StreamOptions, build_loader, epoch_batches  # noqa: E402  (re-export)
 
-__all__ = ["DataSource", "Loader", "build_loader", "read_index", "resolve_source"]
+__all__ = ["DataSource", "Loader", "StreamOptions", "build_loader", "epoch_batches", "read_index", "resolve_source"]

@@ -29,13 +29,14 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 from torch import nn
 
+from sslcli import distributed as dist
 from sslcli.atomic import atomic_path
 from sslcli.data.reader import DataSource
 from sslcli.errors import UserError
 from sslcli.evaluation.features import extract_features
 
 # The PIL text and file helpers every sslcli figure shares.
-from sslcli.evaluation.plots import BLACK, PAD, PALETTE, Colour, _save, _size, _text, nice_ticks
+from sslcli.evaluation.plots import BLACK, PAD, PALETTE, Colour, _size, _text, nice_ticks, save_png
 from sslcli.weights_file import read_header, write_weights
 
 if TYPE_CHECKING:
@@ -173,7 +174,7 @@ def scatter_png(points: torch.Tensor, labels: torch.Tensor, class_names: Sequenc
     _text(image, (x0 + (PLOT_SIDE - _size(title)[0]) // 2, PAD), title)
     _text(image, (x0 + (PLOT_SIDE - _size(f"{axis}1")[0]) // 2, y1 + 2 * PAD + line), f"{axis}1")
     _text(image, (PAD, y0 + (PLOT_SIDE - _size(f"{axis}2")[0]) // 2), f"{axis}2", vertical=True)
-    return _save(image, path)
+    return save_png(image, path)
 
 
 @dataclass(frozen=True)
@@ -218,6 +219,13 @@ def embed(
                                      num_workers=num_workers, cache=cache)
     say(f"split '{source.split}': {feats.shape[0]} images -> {feats.shape[1]}-d features "
         f"in {time.perf_counter() - start:.1f} s")
+    # Under torchrun the ranks share the extraction; rank 0 alone writes the files and returns to all.
+    return dist.on_main(lambda: _write_embedding(feats, labels, source, out, title=title, seed=seed, say=say))
+
+
+def _write_embedding(feats: torch.Tensor, labels: torch.Tensor, source: DataSource, out: Path, *, title: str,
+                     seed: int, say: Callable[[str], None]) -> Embedding:
+    """Writes the features file and its PCA (and t-SNE) maps; see :func:`embed`."""
     write_features(out, feats, labels, classes=source.classes, split=source.split)
     num_classes = max(len(source.classes or []), int(labels.max()) + 1)
     names = list(source.classes or []) + [f"class {i}" for i in range(len(source.classes or []), num_classes)]

@@ -37,6 +37,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from sslcli import distributed as dist
 from sslcli.data.reader import DataSource
 from sslcli.errors import UserError
 from sslcli.evaluation.features import EncoderInfo
@@ -122,12 +123,13 @@ class FeatureCache:
         """The cached ``(features [N, D], labels [N])`` if the entry is valid, else ``compute()``'s, stored."""
         path, key = self.entry(encoder, source)
         cached = self._load(path, key, source.num_samples)
-        if cached is not None:
+        # Under torchrun extraction is collective, so every rank takes the hit only if every rank can.
+        if dist.all_true(cached is not None):
             self._say(f"feature cache hit: split '{source.split}' from {path}")
-            return cached
+            return cached  # type: ignore[return-value]
         self._say(f"feature cache miss: extracting split '{source.split}' into {path}")
         feats, labels = compute()
-        self._store(path, key, feats, labels)
+        dist.on_main(lambda: self._store(path, key, feats, labels))  # one writer; the others wait
         return feats, labels
 
     def _load(self, path: Path, key: str, num_samples: int) -> tuple[torch.Tensor, torch.Tensor] | None:

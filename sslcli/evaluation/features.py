@@ -29,7 +29,9 @@ from torch import nn
 
 from sslcli.augment import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from sslcli.colorspace import INPUT_SPACES
-from sslcli.data.reader import DataSource, build_loader
+from sslcli import distributed as dist
+from sslcli.data.reader import DataSource, Loader, build_loader
+from sslcli.engine.metrics import track
 from sslcli.errors import UserError
 from sslcli.export import load_encoder, read_metadata
 from sslcli.models.encoders import Encoder, EncoderSpec, create_encoder
@@ -240,6 +242,7 @@ def extract_features(
     (undecodable images are replaced by the loader, which warns about them).  With a ``cache``
     (:func:`sslcli.evaluation.feature_cache.feature_cache_for`, made for this encoder's
     preprocessing) a valid entry is returned without running the encoder, else one is written.
+    Under torchrun each rank encodes a disjoint share and every rank returns the whole, gathered split.
     """
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
@@ -248,8 +251,7 @@ def extract_features(
     if cache is not None:
         return cache.fetch(encoder, source, lambda: extract_features(
             encoder, source, transform, batch_size=batch_size, device=device, num_workers=num_workers))
-    loader = build_loader(source, transform, batch_size=batch_size, shuffle=False, drop_last=False,
-                          num_workers=num_workers)
+    loaders = _rank_loaders(source, transform, batch_size=batch_size, num_workers=num_workers)
     was_training = encoder.training
     encoder.eval().to(device)
     feats: list[torch.Tensor] = []
@@ -257,20 +259,58 @@ def extract_features(
     indices: list[torch.Tensor] = []
     try:
         with torch.inference_mode():
-            for batch in loader:
+            batches = sum(len(loader) for loader in loaders)
+            for batch in track((batch for loader in loaders for batch in loader), batches, "features"):
                 x = batch["image"].to(device, non_blocking=True)
                 feats.append(encoder(x).flatten(1).float().cpu())
                 labels.append(torch.as_tensor(batch["label"]).long().cpu())
                 indices.append(torch.as_tensor(batch["index"]).long().cpu())
     finally:
         encoder.train(was_training)
-    index = torch.cat(indices)
+    all_feats, all_labels, index = _gather_shares(feats, labels, indices, source.num_samples)
     # A loader that dropped or added samples would silently bias every metric.
     if index.numel() != source.num_samples:
         raise RuntimeError(f"the loader yielded {index.numel()} samples for a split of {source.num_samples}")
     # Stable, so an undecodable image's stand-in (which repeats its neighbour's index) stays put.
     order = torch.sort(index, stable=True).indices
-    return torch.cat(feats)[order], torch.cat(labels)[order]
+    return all_feats[order], all_labels[order]
+
+
+def _rank_loaders(source: DataSource, transform: Callable[[Any], torch.Tensor], *, batch_size: int,
+                  num_workers: int) -> list[Loader]:
+    """This rank's share of the split in stream order: every sample once across ranks.
+
+    The loader gives each of ``W`` ranks ``N // W`` samples (stream positions ``rank, rank + W, ...``);
+    the last ``N % W`` positions are spread one per rank, each read by a loader of world size ``N`` whose
+    rank ``p`` holds exactly position ``p``.  That re-reads the stream (never decoding skipped samples),
+    which the sample split does on every rank anyway.
+    """
+    world, rank = dist.world_size(), dist.rank()
+    share = source.num_samples // world
+    loaders = [] if share == 0 else [build_loader(source, transform, batch_size=batch_size, shuffle=False,
+                                                  drop_last=False, num_workers=num_workers, rank=rank,
+                                                  world_size=world)]
+    position = world * share + rank
+    if world > 1 and position < source.num_samples:  # one sample: not worth a worker process
+        loaders.append(build_loader(source, transform, batch_size=1, shuffle=False, drop_last=False, rank=position,
+                                    world_size=source.num_samples))
+    return loaders
+
+
+def _gather_shares(feats: list[torch.Tensor], labels: list[torch.Tensor], indices: list[torch.Tensor],
+                   num_samples: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every rank's ``(features, labels, sample indices)``, concatenated (rank order; the caller sorts)."""
+    if dist.world_size() == 1:
+        return torch.cat(feats), torch.cat(labels), torch.cat(indices)
+    # A rank with no samples (a split smaller than the world) learns the feature width from rank 0.
+    dim = dist.broadcast_object(feats[0].shape[1] if feats else 0) if num_samples < dist.world_size() \
+        else feats[0].shape[1]
+    no_rows = torch.empty(0, dtype=torch.long)
+    local = (torch.cat(feats) if feats else torch.empty((0, dim)), torch.cat(labels) if labels else no_rows,
+             torch.cat(indices) if indices else no_rows)
+    where = dist.collective_device()
+    gathered = [dist.gather_variable(part.to(where)).cpu() for part in local]
+    return gathered[0], gathered[1], gathered[2]
 
 
 def _num_classes(train: DataSource, test: DataSource, train_y: torch.Tensor, test_y: torch.Tensor) -> int:

@@ -30,7 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sslcli import distributed as dist
 from sslcli.data.reader import DataSource
+from sslcli.engine.metrics import track
 from sslcli.errors import UserError
 from sslcli.evaluation.features import extract_labelled
 from sslcli.evaluation.results import topk_accuracy
@@ -104,7 +106,8 @@ def knn_classify(
     inv_norm = torch.linalg.vector_norm(memory, dim=1).clamp_min_(1e-12).reciprocal_()
     labels = train_labels.to(memory.device).long()
     chunks: dict[int, list[torch.Tensor]] = {kk: [] for kk in ks}
-    for start in range(0, test_feats.shape[0], chunk_size):
+    starts = range(0, test_feats.shape[0], chunk_size)
+    for start in track(starts, len(starts), "kNN"):
         queries = F.normalize(test_feats[start : start + chunk_size].float().to(memory.device), dim=1)
         sim, idx = _top_neighbours(queries, memory, inv_norm, max(ks), memory_chunk_size)
         neighbour_labels = labels[idx]
@@ -153,14 +156,16 @@ def knn_evaluate(
     Returns ``{"top1", "top5"}`` for the first ``k`` given plus ``"per_k": {"<k>": {...}}``
     for all of them.  The neighbour search runs on ``device``; the default chunks bound its
     largest temporary to 1024 x 65536 similarities (256 MiB) whatever the memory size.  ``log``
-    gets progress lines; ``cache`` (a :class:`FeatureCache`) reuses features stored earlier.
+    gets progress lines; ``cache`` (a :class:`FeatureCache`) reuses features stored earlier.  Under
+    torchrun the ranks share the extraction and rank 0 alone runs the search; every rank returns its result.
     """
     # Checked before extraction, which may take long, so a bad --k fails at once.
     ks = _check_params(k, temperature, train_source.num_samples)
     feats = extract_labelled(encoder, train_source, test_source, transform, batch_size=batch_size,
                              device=device, num_workers=num_workers, log=log, cache=cache)
-    per_k = knn_accuracy(feats.train_x.to(device), feats.train_y, feats.test_x, feats.test_y, k=ks,
-                         temperature=temperature, num_classes=feats.num_classes, chunk_size=chunk_size,
-                         memory_chunk_size=memory_chunk_size)
+    # Every rank holds all features after extraction; the search runs once and its result reaches all.
+    per_k = dist.on_main(lambda: knn_accuracy(
+        feats.train_x.to(device), feats.train_y, feats.test_x, feats.test_y, k=ks, temperature=temperature,
+        num_classes=feats.num_classes, chunk_size=chunk_size, memory_chunk_size=memory_chunk_size))
     primary = per_k[ks[0]]
     return {**primary, "per_k": {str(kk): acc for kk, acc in per_k.items()}}

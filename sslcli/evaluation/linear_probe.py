@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sslcli import distributed as dist
 from sslcli.data.reader import DataSource
 from sslcli.errors import UserError
 from sslcli.evaluation.feature_cache import FeatureCache
@@ -216,10 +217,13 @@ def linear_probe(
     before = state_fingerprint(encoder)
     feats = extract_labelled(encoder, train_source, test_source, transform, batch_size=batch_size or 256,
                              device=device, num_workers=num_workers, log=log, cache=cache)
-    if shots:
-        report = few_shot_probe(feats, settings, shots=shots, seeds=range(seed, seed + seeds), device=device)
-    else:
-        report = probe_features(feats, settings, val_fraction=val_fraction, device=device, seed=seed, log=log)
+
+    def fit() -> ProbeReport:
+        if shots:
+            return few_shot_probe(feats, settings, shots=shots, seeds=range(seed, seed + seeds), device=device)
+        return probe_features(feats, settings, val_fraction=val_fraction, device=device, seed=seed, log=log)
+
+    report = dist.on_main(fit)  # under torchrun: extraction shared, the probe fitted once on rank 0
     after = state_fingerprint(encoder)
     changed = sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
     if changed:

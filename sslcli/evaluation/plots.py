@@ -67,7 +67,7 @@ def _text(image: Image.Image, xy: tuple[int, int], text: str, fill: Colour = BLA
     image.paste(Image.new("RGB", (mask.height, mask.width), fill), xy, mask.rotate(90, expand=True))
 
 
-def _save(image: Image.Image, path: Path) -> Path:
+def save_png(image: Image.Image, path: Path) -> Path:
     path = Path(path)
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
@@ -127,7 +127,7 @@ def confusion_png(matrix: torch.Tensor, class_names: Sequence[str], path: Path, 
         _text(image, (x0 + (cell - w) // 2, y0 + (cell - h) // 2), str(value), ink)
     _text(image, (PAD, layout.top + (grid - _size("true")[0]) // 2), "true", vertical=True)
     _text(image, (layout.left + (grid - _size("predicted")[0]) // 2, layout.height - PAD - _size("Ag")[1]), "predicted")
-    return _save(image, path)
+    return save_png(image, path)
 
 
 def nice_ticks(lo: float, hi: float, target: int = 5) -> list[float]:
@@ -162,9 +162,10 @@ class CurveAxes:
 
 
 def curve_axes(points: dict[str, list[tuple[float, float]]], hlines: dict[str, float] | None = None, *,
-               log2_x: bool = True) -> CurveAxes:
-    """The axes :func:`curve_png` draws for these arguments: a 480 x 300 px plot area."""
-    xs = [x for series in points.values() for x, _ in series]
+               log2_x: bool = True, x_span: tuple[float, float] | None = None) -> CurveAxes:
+    """The axes :func:`curve_png` draws for these arguments: a 480 x 300 px plot area.  ``x_span`` widens
+    the horizontal range to cover it (panels that share an axis)."""
+    xs = [x for series in points.values() for x, _ in series] + list(x_span or ())
     ys = [y for series in points.values() for _, y in series] + list((hlines or {}).values())
     if not xs or not all(math.isfinite(v) for v in xs + ys):
         raise UserError("curve points are empty or not finite; pass at least one (x, y) pair of numbers per series")
@@ -191,13 +192,22 @@ def _dashed(draw: ImageDraw.ImageDraw, x0: int, x1: int, y: int, fill: Colour, d
 
 def curve_png(points: dict[str, list[tuple[float, float]]], path: Path, *, x_label: str, y_label: str, title: str,
               hlines: dict[str, float] | None = None, log2_x: bool = True) -> Path:
-    """Writes a line plot of each named ``[(x, y), ...]`` series plus a dashed horizontal line per
-    ``hlines`` entry, with ticks and a legend, to ``path``; returns it.  Geometry: :func:`curve_axes`.
+    """Writes :func:`curve_image` of these arguments to ``path``; returns it."""
+    return save_png(curve_image(points, x_label=x_label, y_label=y_label, title=title, hlines=hlines, log2_x=log2_x),
+                    path)
+
+
+def curve_image(points: dict[str, list[tuple[float, float]]], *, x_label: str, y_label: str, title: str,
+                hlines: dict[str, float] | None = None, log2_x: bool = True,
+                x_span: tuple[float, float] | None = None) -> Image.Image:
+    """A line plot of each named ``[(x, y), ...]`` series plus a dashed horizontal line per ``hlines``
+    entry, with ticks and a legend.  Geometry: :func:`curve_axes`.
 
     Series take the ``PALETTE`` colours in order, then the horizontal lines do.
     """
     hlines = dict(hlines or {})
-    axes, line, names = curve_axes(points, hlines, log2_x=log2_x), _size("Ag")[1], list(points) + list(hlines)
+    axes, line = curve_axes(points, hlines, log2_x=log2_x, x_span=x_span), _size("Ag")[1]
+    names = list(points) + list(hlines)
     (x0, y0, x1, y1), colours = axes.box, {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(names)}
     image = Image.new("RGB", (x1 + 5 * PAD + 20 + max(_size(n)[0] for n in names), y1 + 3 * PAD + 2 * line), "white")
     draw = ImageDraw.Draw(image)
@@ -222,4 +232,4 @@ def curve_png(points: dict[str, list[tuple[float, float]]], path: Path, *, x_lab
     _text(image, (x0 + (x1 - x0 - _size(title)[0]) // 2, PAD), title)
     _text(image, (x0 + (x1 - x0 - _size(x_label)[0]) // 2, y1 + 2 * PAD + line), x_label)
     _text(image, (PAD, y0 + (y1 - y0 - _size(y_label)[0]) // 2), y_label, vertical=True)
-    return _save(image, path)
+    return image
