@@ -27,6 +27,7 @@ from sslcli import atomic
 from sslcli.augment import IMAGENET_MEAN, IMAGENET_STD
 from sslcli.cli.app import app
 from sslcli.data.synth import generate_synthetic
+from sslcli.engine.metrics import configure
 from sslcli.errors import UserError
 from sslcli.export import encoder_metadata, save_encoder
 from sslcli.models.encoders import create_encoder
@@ -173,6 +174,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     run = root / "run"
     result = CliRunner().invoke(app, ["--log-format", "json", "pretrain", "mae", *SMALL, "--arch", "vit_tiny_p4",
                                       "--data", str(data), "--out", str(run)])
+    configure()  # the JSON logging that call set would otherwise last into the first case
     assert result.exit_code == 0, result.output
     (root / "pretrain-log.txt").write_text(result.output)
     busy = root / "busy"
