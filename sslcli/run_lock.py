@@ -27,6 +27,7 @@ def run_lock(run: Path) -> Iterator[None]:
         yield
         return
     run = Path(run)
+    created = not run.exists()
     run.mkdir(parents=True, exist_ok=True)
     fh = open(run / LOCK_NAME, "a+")
     try:
@@ -44,3 +45,7 @@ def run_lock(run: Path) -> Iterator[None]:
         yield
     finally:
         fh.close()  # closing the only descriptor releases the lock
+        # A run that failed before writing anything (bad options) leaves no empty directory behind.
+        if created and [p.name for p in run.iterdir()] == [LOCK_NAME]:
+            (run / LOCK_NAME).unlink(missing_ok=True)
+            run.rmdir()

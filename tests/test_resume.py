@@ -197,9 +197,9 @@ def test_a_checkpoint_with_pickled_objects_is_refused_without_running_them(tmp_p
 
 
 @pytest.mark.parametrize(("args", "needle"), [
-    (["--accum-steps", "3"], "--accum-steps 3 must be at least 1 and divide the per-process batch 16"),
-    (["--max-bad-fraction", "1.5"], "--max-bad-fraction must be in [0, 1], got 1.5"),
-    (["--checkpoint-every", "-1"], "checkpoint_every (-1) must be 0 or more"),
+    (["--accum-steps", "3"], "--accum-steps 3 must divide the per-process batch 16"),
+    (["--max-bad-fraction", "1.5"], "--max-bad-fraction (max_bad_fraction) must be in [0, 1], got 1.5"),
+    (["--checkpoint-every", "-1"], "--checkpoint-every (checkpoint_every) must be 0 (epoch ends only) or more, got -1"),
     (["--precision", "fp8"], "config key 'precision' must be one of ['auto', 'bf16', 'fp16', 'fp32']"),
     (["auto"], "unexpected argument 'auto'; the only word after the method is 'auto', as in --resume auto"),
     (["--resume"], "nothing to resume"),
