@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from sslcli import distributed as dist
+from sslcli.atomic import atomic_path
 from sslcli.augment import MultiView, eval_transform
 from sslcli.config import PretrainConfig, to_dict
 from sslcli.data.captions import iter_captions
@@ -31,6 +32,7 @@ from sslcli.engine.device import resolve_device
 from sslcli.engine.metrics import MetricsLog, info
 from sslcli.engine.optim import build_optimizer
 from sslcli.engine.precision import autocast_dtype, grad_scaler
+from sslcli.engine.preemption import Preempted
 from sslcli.engine.resume import LoopState, RunCheckpoints, drop_metrics_after
 from sslcli.engine.train import LoopSettings, train
 from sslcli.errors import UserError
@@ -46,7 +48,8 @@ ResumeMode = bool | Literal["auto"]
 
 
 def run_status(out: Path) -> str | None:
-    """``'finished'``, ``'running'`` (started, not finished) or ``None`` (no run here)."""
+    """``'finished'``, ``'running'`` (started; or killed without a chance to say so), ``'preempted'``
+    (stopped by SIGTERM/SIGUSR1 after a checkpoint), ``'failed'`` (stopped by an error) or ``None`` (no run here)."""
     status = out / STATUS_FILE
     return json.loads(status.read_text()).get("status") if status.exists() else None
 
@@ -87,7 +90,8 @@ def check_loop_options(cfg: PretrainConfig, local_batch: int) -> None:
 
 def _write_status(out: Path, status: str, **extra: object) -> None:
     if dist.is_main():
-        (out / STATUS_FILE).write_text(json.dumps({"status": status, **extra}, indent=2) + "\n")
+        with atomic_path(out / STATUS_FILE) as tmp:  # a job killed mid-write keeps the previous status
+            tmp.write_text(json.dumps({"status": status, **extra}, indent=2) + "\n")
 
 
 def pretrain(cfg: PretrainConfig, out: Path, *, device: str = "auto", resume: ResumeMode = False,
@@ -199,8 +203,15 @@ def _pretrain(cfg: PretrainConfig, out: Path, dev: torch.device, *, resume: Resu
     settings = LoopSettings(epochs=cfg.epochs, optim=cfg.optim, base_lr=base_lr, device=dev, amp_dtype=amp_dtype,
                             log_every=cfg.log_every, accum_steps=cfg.accum_steps, checkpoint_every=cfg.checkpoint_every,
                             max_bad_steps=cfg.max_bad_steps, max_bad_fraction=cfg.max_bad_fraction)
-    train(model, method, optimizer, scaler, loader_for_epoch, steps_per_epoch, settings, MetricsLog(out / "metrics.jsonl"),
-          checkpoints, on_epoch_end, loop)
+    try:
+        train(model, method, optimizer, scaler, loader_for_epoch, steps_per_epoch, settings,
+              MetricsLog(out / "metrics.jsonl"), checkpoints, on_epoch_end, loop)
+    except Preempted as stop:  # a scheduler's `run.json` poll sees why the job ended and where to continue
+        _write_status(out, "preempted", epochs=cfg.epochs, signal=stop.signal_name, checkpoint=stop.checkpoint)
+        raise
+    except Exception as err:
+        _write_status(out, "failed", epochs=cfg.epochs, error=f"{type(err).__name__}: {err}")
+        raise
     _write_status(out, "finished", epochs=cfg.epochs)
     if exported is not None:
         info(f"done: {out}/encoder.safetensors  (evaluate with `sslcli knn {out} --data {cfg.data}`)")

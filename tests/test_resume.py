@@ -7,6 +7,7 @@ the checkpoint's batch (a wrong batch or augmentation changes the weights)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -109,6 +110,8 @@ def test_crash_mid_epoch_then_resume_is_bit_identical(uninterrupted: Path, tiny_
         pretrain(config(tiny_data, checkpoint_every=5), run, device="cpu")
     # Step 5 is batch 1 of epoch 1: the newest checkpoint is mid-epoch, after the epoch-0 one.
     assert checkpoint.latest(run / "checkpoints").name == "epoch-0001-step-000001.pt"
+    assert json.loads((run / "run.json").read_text()) == {"status": "failed", "epochs": 3,
+                                                          "error": "RuntimeError: simulated crash in step 7"}
     monkeypatch.setattr(train_module, "forward_backward", real)
     pretrain(config(tiny_data), run, device="cpu", resume=True)
     assert_same_training(run, uninterrupted)
@@ -128,12 +131,16 @@ def test_sigterm_through_the_cli_checkpoints_exits_75_and_resumes_exactly(uninte
     assert "stopped by SIGTERM" in output and "--resume auto" in output
     stopped_at = len(metrics.read_text().splitlines())
     assert 2 <= stopped_at < 12, output
+    status = json.loads((run / "run.json").read_text())
+    assert status["status"] == "preempted" and status["signal"] == "SIGTERM", status
+    assert Path(status["checkpoint"]).is_file() and Path(status["checkpoint"]).parent == run / "checkpoints"
     result = CliRunner().invoke(app, ["pretrain", "mae", *CLI, "--data", str(tiny_data), "--out", str(run),
                                       "--resume", "auto"])
     assert result.exit_code == 0, result.output
     assert f"batch {stopped_at % 4} of 4" in result.output
     assert "lr: base 0.0015 per 256 x global batch 16 (1 process(es) x 16) -> 9.38e-05 (linear scaling)" in result.output
     assert_same_training(run, uninterrupted)
+    assert json.loads((run / "run.json").read_text())["status"] == "finished"
 
 
 def test_two_ranks_stopped_through_torchrun_resume_exactly(tiny_data: Path, tmp_path: Path) -> None:

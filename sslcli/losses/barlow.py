@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from sslcli.losses.float32 import float32_loss
+
 
 def batch_standardise(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """``(z - mean) / sqrt(var + eps)`` per dimension over the batch (biased variance), exactly
@@ -14,6 +16,7 @@ def batch_standardise(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return (z - mean) / torch.sqrt(var + eps)
 
 
+@float32_loss
 def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 5e-3) -> torch.Tensor:
     """``L = sum_i (1 - C_ii)^2 + lambd * sum_{i != j} C_ij^2`` with ``C = z1n^T z2n / N``, the
     cross-correlation of the batch-standardised embeddings (``z1n``, ``z2n``).

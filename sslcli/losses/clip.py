@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from sslcli.losses.float32 import float32_loss
 
+
+@float32_loss
 def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor | float, *,
               image_keys: torch.Tensor | None = None, text_keys: torch.Tensor | None = None,
               offset: int = 0) -> torch.Tensor:

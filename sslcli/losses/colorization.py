@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from sslcli.colorspace import rgb_to_lab
+from sslcli.losses.float32 import float32_loss
 
 
 @functools.cache
@@ -56,6 +57,7 @@ def rebalance_weights(counts: torch.Tensor, bins: torch.Tensor, mix: float = 0.5
     return (weights / (smoothed * weights).sum()).float()
 
 
+@float32_loss
 def colorization_loss(logits: torch.Tensor, targets: torch.Tensor, class_weights: torch.Tensor) -> torch.Tensor:
     """Class-rebalanced multinomial cross-entropy; ``logits``, ``targets`` ``[B, Q, H, W]``, ``class_weights`` ``[Q]``."""
     per_pixel = -(targets * F.log_softmax(logits.float(), dim=1)).sum(1)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from sslcli.losses.float32 import float32_loss
 
+
+@float32_loss
 def info_nce(query: torch.Tensor, key: torch.Tensor, negatives: torch.Tensor, temperature: float) -> torch.Tensor:
     """MoCo's InfoNCE as a (K+1)-way cross-entropy with the positive at index 0.
 
@@ -25,6 +28,7 @@ def info_nce(query: torch.Tensor, key: torch.Tensor, negatives: torch.Tensor, te
     return F.cross_entropy(logits, labels)
 
 
+@float32_loss
 def in_batch_contrastive(query: torch.Tensor, keys: torch.Tensor, temperature: float, offset: int = 0) -> torch.Tensor:
     """Cross-entropy of each query against a batch of keys; query ``i``'s positive is key ``offset + i``.
 
@@ -41,6 +45,7 @@ def in_batch_contrastive(query: torch.Tensor, keys: torch.Tensor, temperature: f
     return F.cross_entropy(q @ k.T / temperature, labels)
 
 
+@float32_loss
 def nt_xent(
     z1: torch.Tensor,
     z2: torch.Tensor,

@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from sslcli.losses.float32 import float32_loss
 
+
+@float32_loss
 def cpc_logits(preds: torch.Tensor, targets: torch.Tensor, k: int, keys: torch.Tensor | None = None,
                offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores of the row-offset-``k`` predictions against every target patch, and each positive's index.
@@ -33,6 +36,7 @@ def cpc_logits(preds: torch.Tensor, targets: torch.Tensor, k: int, keys: torch.T
     return logits, labels
 
 
+@float32_loss
 def cpc_info_nce(preds: torch.Tensor, targets: torch.Tensor, k: int, keys: torch.Tensor | None = None,
                  offset: int = 0) -> torch.Tensor:
     """InfoNCE of CPC for one offset ``k`` (van den Oord et al., 2018, Eq. 4; Henaff et al., 2020, Eq. 2).

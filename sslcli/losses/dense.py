@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from sslcli.losses.contrastive import info_nce
+from sslcli.losses.float32 import float32_loss
 
 
 @torch.no_grad()
@@ -38,6 +39,7 @@ def gather_locations(grid: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(grid, 1, index.unsqueeze(-1).expand(-1, -1, grid.shape[-1]))
 
 
+@float32_loss
 def dense_info_nce(query_grid: torch.Tensor, key_grid: torch.Tensor, match: torch.Tensor, negatives: torch.Tensor,
                    temperature: float) -> torch.Tensor:
     """DenseCL's dense loss: InfoNCE of every query location against its corresponding key location.

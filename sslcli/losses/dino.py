@@ -19,8 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from sslcli import distributed as dist
+from sslcli.losses.float32 import float32_loss
 
 
+@float32_loss
 def dino_loss(student_out: Sequence[torch.Tensor], teacher_out: Sequence[torch.Tensor], center: torch.Tensor, *,
               student_temp: float = 0.1, teacher_temp: float = 0.04) -> torch.Tensor:
     """Cross-entropy between the centred, sharpened teacher and the student, over all crop pairs.

@@ -12,7 +12,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from sslcli.losses.float32 import float32_loss
 
+
+@float32_loss
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Cross-entropy of the student's tempered softmax against the teacher's, mean over the batch.
 

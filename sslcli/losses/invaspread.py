@@ -6,7 +6,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from sslcli.losses.float32 import float32_loss
 
+
+@float32_loss
 def invaspread_loss(
     f: torch.Tensor,
     f_hat: torch.Tensor,

@@ -19,6 +19,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from sslcli.losses.float32 import float32_loss
+
 
 def _noise_sims(f: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """``[B, m]`` cosines of ``f`` ``[B, D]`` with shared ``[m, D]`` or per-sample ``[B, m, D]`` noise."""
@@ -29,6 +31,7 @@ def _noise_sims(f: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"noise of shape {tuple(noise.shape)} does not fit features {tuple(f.shape)}")
 
 
+@float32_loss
 def nce_loss(
     features: torch.Tensor,
     positives: torch.Tensor,
@@ -59,6 +62,7 @@ def nce_loss(
     return (loss_pos + loss_noise).mean()
 
 
+@float32_loss
 @torch.no_grad()
 def estimate_partition(features: torch.Tensor, noise: torch.Tensor, temperature: float, num_samples: int) -> torch.Tensor:
     """Monte-Carlo ``Z ~= N * mean_j exp(v_j . f / tau)`` over noise rows and batch samples (Eq. 7).

@@ -10,7 +10,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from sslcli.losses.float32 import float32_loss
 
+
+@float32_loss
 def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """SimSiam's ``D(p, z) = -mean_i cos(p_i, z_i)`` (Chen & He, 2021, "Exploring Simple Siamese
     Representation Learning", Eq. 1; the paper's ``D(p, stopgrad(z))`` with the caller detaching ``z``).
@@ -20,6 +23,7 @@ def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return -(F.normalize(p.float(), dim=1) * F.normalize(z.float(), dim=1)).sum(dim=1).mean()
 
 
+@float32_loss
 def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """BYOL's ``mean_i || p_i/||p_i|| - z_i/||z_i|| ||^2 = mean_i (2 - 2 cos(p_i, z_i))``
     (Grill et al., 2020, "Bootstrap Your Own Latent", Eq. 2), ``z`` the target projection.

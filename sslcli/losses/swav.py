@@ -18,7 +18,10 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from sslcli.losses.float32 import float32_loss
 
+
+@float32_loss
 def swav_loss(scores: Sequence[torch.Tensor], codes: Sequence[torch.Tensor], temperature: float = 0.1) -> torch.Tensor:
     """Swapped-prediction cross-entropy, averaged over the ``(code crop, predicting crop)`` pairs.
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from sslcli.losses.float32 import float32_loss
 
+
+@float32_loss
 def masked_token_loss(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """BEiT's masked image modelling loss: ``-mean_{i in M} log p(z_i | x^M)`` over the masked positions ``M``
     only (Bao et al. 2022, Eq. 1).  As in the official code the head runs on the masked positions alone,
