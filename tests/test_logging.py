@@ -148,3 +148,19 @@ def test_python_log_records_of_sslcli_follow_the_format(capsys: pytest.CaptureFi
     logger.warning("skipped %d", 3)
     record = json.loads(capsys.readouterr().err)
     assert record["level"] == "warning" and record["message"] == "skipped 3"
+
+
+def test_shard_writing_shows_a_bar_on_a_terminal(terminal: io.StringIO, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from sslcli.data.shards import folder_to_shards
+    from sslcli.data.synth import generate_synthetic
+
+    generate_synthetic(tmp_path / "synth", train=6, test=2, size=16)
+    assert "rendering train (6 images)" in terminal.getvalue() and "rendering test (2 images)" in terminal.getvalue()
+    (tmp_path / "folder").mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8), (80 * i, 0, 0)).save(tmp_path / "folder" / f"{i}.png")
+    terminal.truncate(0)
+    folder_to_shards(tmp_path / "folder", tmp_path / "shards")
+    assert "writing train shards" in terminal.getvalue()

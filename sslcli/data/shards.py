@@ -25,6 +25,7 @@ from sslcli.data.formats import (
     split_dirs,
 )
 from sslcli.atomic import atomic_path
+from sslcli.engine.metrics import track
 from sslcli.errors import UserError
 
 # Fixed metadata so the same samples always produce byte-identical tars.
@@ -206,7 +207,7 @@ def folder_to_shards(
     for split_name, (files, labels, _) in listings.items():
         skipped = 0
         with ShardWriter(out, split_name, shard_size) as writer:
-            for position, path in enumerate(files):
+            for position, path in enumerate(track(files, len(files), f"writing {split_name} shards")):
                 data = path.read_bytes()
                 image = decode_rgb(data)
                 if image is None:

@@ -20,6 +20,7 @@ import numpy as np
 from sslcli.data.formats import image_field, iter_tar_samples
 from sslcli.data.reader import DataSource, read_index, resolve_source
 from sslcli.data.shards import ShardWriter, prepare_output, sample_fields, sample_key, write_index
+from sslcli.engine.metrics import track
 from sslcli.errors import UserError
 
 # Fields a subset rewrites itself; every other field of a sample is copied as it is.
@@ -120,7 +121,7 @@ def write_label_subset(data: str | Path, out: Path, *, fraction: float, seed: in
     splits: dict[str, dict] = {}
     with ShardWriter(out, split, shard_size) as writer:
         position = 0
-        for i, (label, fields) in enumerate(_samples(source)):
+        for i, (label, fields) in enumerate(track(_samples(source), source.num_samples, f"writing {split} subset")):
             if i not in keep:
                 continue
             image_ext = image_field(fields) or next(ext for ext in fields if ext not in _OWN_FIELDS)

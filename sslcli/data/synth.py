@@ -27,6 +27,7 @@ from sslcli.data.shapes import SHAPES
 from sslcli.data.shards import ShardWriter, prepare_output, sample_fields, sample_key, write_index
 from sslcli.data.synth_pairs import (UNSEEN_SPLIT, ColourRule, caption_rng, colour_rules, hold_out_plan, varied_caption,
                                      write_classes)
+from sslcli.engine.metrics import track
 from sslcli.errors import UserError
 
 CLASSES: tuple[str, ...] = (
@@ -343,7 +344,7 @@ def generate_synthetic(
         for split, split_tasks in tasks.items():
             chunks = pool.imap(_render_range, split_tasks) if pool else map(_render_range, split_tasks)
             with ShardWriter(out_dir, split, shard_size) as writer:
-                for chunk in chunks:
+                for chunk in track(chunks, len(split_tasks), f"rendering {split} ({counts[split]} images)"):
                     for png, mask, label, caption in chunk:
                         index = writer.count
                         fields = sample_fields(png, "png", index=index, label=label, caption=caption,
