@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -18,6 +17,7 @@ from sslcli.cli.evaluate import (
     RandomInit,
     RawPixels,
     Source,
+    evaluation_setup,
 )
 from sslcli.cli.options import Arch, Data, Device
 
@@ -47,33 +47,27 @@ def embed_command(
 ) -> None:
     """Writes a split's frozen features (with labels) and their 2-D PCA map; t-SNE too with scikit-learn."""
     from sslcli import distributed as dist
-    from sslcli.data.reader import resolve_source
-    from sslcli.engine.device import resolve_device
     from sslcli.engine.metrics import info
-    from sslcli.evaluation import default_results_path, describe_data, resolve_encoder, write_results
+    from sslcli.evaluation import default_results_path, describe_data, write_results
     from sslcli.evaluation.embed import check_features_path, embed
-    from sslcli.evaluation.feature_cache import feature_cache_for
 
-    started = time.perf_counter()
     if out is not None:
         check_features_path(out)  # before the (possibly long) extraction
-    torch_device = resolve_device(device)
-    dist.init_from_env(torch_device)  # under torchrun the ranks share feature extraction
-    data_source = resolve_source(data, split)
-    encoder, encoder_info = resolve_encoder(source, arch=arch, random_init=random_init, raw_pixels=raw_pixels,
-                                            image_size=image_size, crop_pct=crop_pct, seed=seed, layer=layer)
+    setup = evaluation_setup("embed", source, data, arch=arch, random_init=random_init, raw_pixels=raw_pixels,
+                             image_size=image_size, crop_pct=crop_pct, device=device, seed=seed, layer=layer,
+                             cache=cache, splits={"embed": split})
     if out is None:
         name = f"embed-{split}.safetensors"
-        out = Path(encoder_info.run_dir) / "results" / name if encoder_info.run_dir else Path(name)
-    result = embed(encoder, data_source, encoder_info.transform(), out, title=encoder_info.name,
-                   batch_size=batch_size, device=torch_device, num_workers=num_workers, seed=seed,
-                   cache=feature_cache_for(encoder_info, log=info) if cache else None, log=info)
+        out = Path(setup.info.run_dir) / "results" / name if setup.info.run_dir else Path(name)
+    result = embed(setup.encoder, setup.splits["embed"][1], setup.info.transform(), out, title=setup.info.name,
+                   batch_size=batch_size, device=setup.device, num_workers=num_workers, seed=seed,
+                   cache=setup.cache, log=info)
     files = {"features": result.features_path, "pca_png": result.pca_png, "tsne_png": result.tsne_png}
     path = dist.on_main(lambda: write_results(  # rank 0 writes; the other ranks wait
-        results or default_results_path(encoder_info, "embed"), command="embed", metrics=result.metrics,
-        encoder=encoder_info, data=describe_data(data, {"embed": (split, data_source)}),
-        params={"split": split, "batch_size": batch_size, "seed": seed, "layer": layer, "device": str(torch_device),
-                "world_size": dist.world_size(), "files": files}, started=started,
+        results or default_results_path(setup.info, "embed"), command="embed", metrics=result.metrics,
+        encoder=setup.info, data=describe_data(data, setup.splits),
+        params={"split": split, "batch_size": batch_size, "seed": seed, "layer": layer, "device": str(setup.device),
+                "world_size": dist.world_size(), "files": files}, started=setup.started,
     ))
     ratios = result.metrics["pca_explained_variance_ratio"]
     info(f"features written to {result.features_path}; PCA map ({100 * ratios[0]:.1f}% + {100 * ratios[1]:.1f}% "

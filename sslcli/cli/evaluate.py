@@ -49,7 +49,7 @@ Cache = Annotated[bool, typer.Option(
 
 
 @dataclass
-class _Setup:
+class EvaluationSetup:
     """What every evaluation command resolves from its shared options."""
 
     command: str
@@ -62,10 +62,11 @@ class _Setup:
     cache: FeatureCache | None = None  # None: --no-cache, or raw pixels (nothing worth storing)
 
 
-def _setup(command: str, source: str | None, data: str, *, arch: str | None, random_init: bool, raw_pixels: bool,
-           image_size: int | None, crop_pct: float | None, device: str, seed: int, train_split: str,
-           test_split: str, layer: int | None, cache: bool = True) -> _Setup:
-    """Resolves device, data and encoder, cheapest checks first so bad input fails fast."""
+def evaluation_setup(command: str, source: str | None, data: str, *, arch: str | None, random_init: bool,
+                     raw_pixels: bool, image_size: int | None, crop_pct: float | None, device: str, seed: int,
+                     splits: dict[str, str], layer: int | None, cache: bool = True) -> EvaluationSetup:
+    """Resolves device, data (``splits``: role -> split name) and encoder, cheapest checks first so bad input
+    fails fast."""
     from sslcli import distributed as dist
     from sslcli.data.reader import resolve_source
     from sslcli.engine.device import resolve_device
@@ -75,15 +76,14 @@ def _setup(command: str, source: str | None, data: str, *, arch: str | None, ran
 
     torch_device = resolve_device(device)
     dist.init_from_env(torch_device)  # under torchrun the ranks share feature extraction
-    splits = {"train": (train_split, resolve_source(data, train_split)),
-              "test": (test_split, resolve_source(data, test_split))}
+    sources = {role: (name, resolve_source(data, name)) for role, name in splits.items()}
     encoder, info = resolve_encoder(source, arch=arch, random_init=random_init, raw_pixels=raw_pixels,
                                     image_size=image_size, crop_pct=crop_pct, seed=seed, layer=layer)
-    return _Setup(command, encoder, info, data, splits, torch_device,
+    return EvaluationSetup(command, encoder, info, data, sources, torch_device,
                   cache=feature_cache_for(info, log=log) if cache else None)
 
 
-def _report(setup: _Setup, metrics: dict[str, Any], out: Path | None, params: dict[str, Any]) -> None:
+def _report(setup: EvaluationSetup, metrics: dict[str, Any], out: Path | None, params: dict[str, Any]) -> None:
     """Writes the results JSON and prints the metrics table, on rank 0 only (the other ranks wait)."""
     from sslcli import distributed as dist
     from sslcli.engine.metrics import info
@@ -128,9 +128,9 @@ def knn_command(
     from sslcli.evaluation import knn_evaluate
 
     ks = k or [20]
-    setup = _setup("knn", source, data, arch=arch, random_init=random_init, raw_pixels=raw_pixels,
-                   image_size=image_size, crop_pct=crop_pct, device=device, seed=seed, train_split=train_split,
-                   test_split=test_split, layer=layer, cache=cache)
+    setup = evaluation_setup("knn", source, data, arch=arch, random_init=random_init, raw_pixels=raw_pixels,
+                             image_size=image_size, crop_pct=crop_pct, device=device, seed=seed, layer=layer,
+                             cache=cache, splits={"train": train_split, "test": test_split})
     metrics = knn_evaluate(setup.encoder, setup.splits["train"][1], setup.splits["test"][1], setup.info.transform(),
                            k=ks, temperature=temperature, batch_size=batch_size, device=setup.device,
                            num_workers=num_workers, log=info, cache=setup.cache)
@@ -199,9 +199,10 @@ def linear_probe_command(
                                "batch_size": batch_size, "val_fraction": val_fraction, "shots": shot_counts,
                                "seeds": seeds}
     resolve_probe(**options)  # bad probe options fail before any data is read or encoder built
-    setup = _setup("linear-probe", source, data, arch=arch, random_init=random_init, raw_pixels=raw_pixels,
-                   image_size=image_size, crop_pct=crop_pct, device=device, seed=seed, train_split=train_split,
-                   test_split=test_split, layer=layer, cache=cache)
+    setup = evaluation_setup("linear-probe", source, data, arch=arch, random_init=random_init,
+                             raw_pixels=raw_pixels, image_size=image_size, crop_pct=crop_pct, device=device,
+                             seed=seed, layer=layer, cache=cache,
+                             splits={"train": train_split, "test": test_split})
     report = linear_probe(setup.encoder, setup.splits["train"][1], setup.splits["test"][1], setup.info.transform(),
                           **options, device=setup.device, seed=seed, num_workers=num_workers, log=info,
                           cache=setup.cache)
