@@ -208,7 +208,7 @@ class CollapseMonitor:
     (or 1% of the at most ``min(N - 1, D)`` directions a centred batch can use, when larger):
     every sample on a line or a plane, the form collapse takes behind a BN layer, which keeps each
     dimension's spread.  The rank is judged only with room for ``4 * RANK_FLOOR`` directions.
-    Healthy runs sit far above both (docs/methods.md lists the values measured).
+    Healthy runs sit far above both (docs/methods/monitors.md lists the values measured).
     """
 
     STD_FRACTION = 0.1

@@ -7,7 +7,7 @@
 
 Pretraining is stage 1 of 3.  Stage 2 fine-tunes the backbone *and the projector's first layer*
 on 1% or 10% of the labels (``sslcli finetune --keep-proj-layers 1``); stage 3 distils that
-teacher into a student on the unlabelled images (``sslcli distill``).  See docs/methods.md.
+teacher into a student on the unlabelled images (``sslcli distill``).  See docs/methods/contrastive.md.
 """
 
 from __future__ import annotations
