@@ -8,15 +8,17 @@ gathers return their input.  Under ``torchrun`` the process group is set up by
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import pickle
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 Result = TypeVar("Result")
+Command = TypeVar("Command", bound=Callable[..., Any])
 
 
 def is_initialized() -> bool:
@@ -42,6 +44,37 @@ def is_main() -> bool:
 def launched_world_size() -> int:
     """The world size torchrun launched (``WORLD_SIZE``), known before the process group is joined."""
     return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def launched_rank() -> int:
+    """This process's global rank as torchrun launched it (``RANK``), known without a process group."""
+    return int(os.environ.get("RANK", 0))
+
+
+def first_rank_only(name: str) -> Callable[[Command], Command]:
+    """Decorates a single-device command (``name``, e.g. ``"sslcli export"``): under torchrun global rank 0
+    runs it and every other rank returns at once, exit code 0, having read no argument and touched no file.
+
+    No process group is joined and nobody waits in a collective: torchrun itself waits for rank 0 before it
+    exits, so a job script's next step still starts after the work, and a long job (converting a large image
+    folder) cannot hit a collective's timeout.  In a single process the command just runs.
+    """
+
+    def decorate(command: Command) -> Command:
+        @functools.wraps(command)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            if launched_rank() != 0:
+                return None
+            if launched_world_size() > 1:
+                from sslcli.engine.metrics import info  # here: sslcli.engine.metrics imports this module
+
+                info(f"{name} runs on one device: rank 0 of {launched_world_size()} does the work, the other "
+                     "ranks exit")
+            return command(*args, **kwargs)
+
+        return run  # type: ignore[return-value]
+
+    return decorate
 
 
 def collective_device() -> torch.device:
@@ -126,6 +159,15 @@ def gather_variable(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([rows[i * max(sizes) : i * max(sizes) + s] for i, s in enumerate(sizes)])
 
 
+def gather_objects(obj: Result) -> list[Result]:
+    """Every rank's picklable ``obj`` (small ones: captions, names), in rank order; ``[obj]`` in one process."""
+    if not is_initialized() or world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean of ``x`` over ranks (a new tensor; the input is not modified)."""
     if not is_initialized() or world_size() == 1:
@@ -203,7 +245,13 @@ def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
 
 def convert_sync_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
-    """SyncBN across ranks (SimCLR's global-batch BN); a no-op in one process."""
+    """SyncBN across ranks (SimCLR's global-batch BN); a no-op in one process.
+
+    timm's converter, not torch's: torch turns timm's ``BatchNormAct2d`` (RegNet, EfficientNet, ...) into a
+    plain ``SyncBatchNorm`` and so drops the activation fused into it; timm's makes it ``SyncBatchNormAct``.
+    """
     if not is_initialized() or world_size() == 1:
         return module
-    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    from timm.layers import convert_sync_batchnorm  # here: the CLI starts without importing timm
+
+    return convert_sync_batchnorm(module)

@@ -8,6 +8,9 @@ Each writes ``OUT/classifier.safetensors`` (see :mod:`sslcli.models.classifier`)
 may also train on a class-balanced fraction of the labels (``label_fraction``), select the best
 epoch on a held-out validation part of the train split (``eval_every``; ``OUT/best.safetensors``),
 and use the BEiT / MAE protocol's layer decay, drop-path and mixup / cutmix.
+
+Both run under torchrun as data-parallel training (see :mod:`sslcli.evaluation.finetune`); rank 0 alone
+writes ``OUT``, and the results record ``params.world_size``.
 """
 
 from __future__ import annotations
@@ -44,12 +47,6 @@ CLASSIFIER = "classifier.safetensors"
 BEST = "best.safetensors"
 
 
-def _check_single_process(command: str) -> None:
-    if dist.launched_world_size() > 1:
-        raise UserError(f"sslcli {command} runs in a single process for now, not under torchrun with "
-                        f"{dist.launched_world_size()} processes; launch it with `sslcli {command} ...` on one device")
-
-
 def _check_out(out: Path, overwrite: bool) -> None:
     if ((out / CLASSIFIER).exists() or (out / BEST).exists()) and not overwrite:
         raise UserError(f"'{out}' already holds a classifier; pass --overwrite or choose another --out")
@@ -77,26 +74,30 @@ def _finish(model: Classifier, out: Path, command: str, settings: TrainSettings,
             started: float, protocol: str | None = None, best: BestEpoch | None = None,
             data_parts: dict[str, Any] | None = None) -> dict:
     """Evaluates on the test split (the last epoch's model, and the best one's when selecting), saves the
-    classifier and the results; returns the metrics."""
+    classifier and the results (rank 0); returns the metrics (on every process)."""
     test = resolve_source(data, test_split)
     transform = eval_transform(settings.image_size, float(meta["eval_crop_pct"]), settings.mean, settings.std)
     metrics: dict[str, Any] = evaluate_classifier(model, test, transform, device=device,
                                                   num_workers=settings.num_workers)
     metrics["epochs"] = settings.epochs
-    save_classifier(model.cpu(), out / CLASSIFIER, meta)
     if best is not None:
         metrics["best"] = best.test_metrics(test, transform, device=device, num_workers=settings.num_workers,
                                             last=metrics)
         metrics["validation"] = best.history
-    else:
-        (out / BEST).unlink(missing_ok=True)  # a best checkpoint of an overwritten earlier fine-tune
-    write_results(out / "results.json", command=command, metrics=metrics, encoder=encoder_desc,
-                  data={"spec": data, **(data_parts or {}), **_split("test", test_split, test)},
-                  params={**params, **asdict(settings), "device": str(device)}, protocol=protocol,
-                  seed=settings.seed, started=started)
-    info(f"{command}: top-1 {metrics['top1']:.1%}, top-5 {metrics['top5']:.1%} on '{test_split}'"
-         + (f" (best epoch {metrics['best']['epoch']}: {metrics['best']['top1']:.1%})" if best is not None else "")
-         + f"; wrote {out}")
+
+    def write() -> None:
+        save_classifier(model.cpu(), out / CLASSIFIER, meta)
+        if best is None:
+            (out / BEST).unlink(missing_ok=True)  # a best checkpoint of an overwritten earlier fine-tune
+        write_results(out / "results.json", command=command, metrics=metrics, encoder=encoder_desc,
+                      data={"spec": data, **(data_parts or {}), **_split("test", test_split, test)},
+                      params={**params, **asdict(settings), "device": str(device), "world_size": dist.world_size()},
+                      protocol=protocol, seed=settings.seed, started=started)
+        info(f"{command}: top-1 {metrics['top1']:.1%}, top-5 {metrics['top5']:.1%} on '{test_split}'"
+             + (f" (best epoch {metrics['best']['epoch']}: {metrics['best']['top1']:.1%})" if best is not None else "")
+             + f"; wrote {out}")
+
+    dist.on_main(write)
     return metrics
 
 
@@ -113,7 +114,6 @@ def finetune(source: str, data: str, out: Path, *, settings: TrainSettings, keep
     the best epoch's classifier in ``OUT/best.safetensors``.
     """
     started = time.perf_counter()
-    _check_single_process("finetune")
     settings.check()
     if random_init and keep_proj_layers:
         raise UserError("--random-init has no pretrained projector to keep; drop --keep-proj-layers")
@@ -125,6 +125,7 @@ def finetune(source: str, data: str, out: Path, *, settings: TrainSettings, keep
         raise UserError("--val-fraction sizes the validation part that --eval-every N evaluates; pass --eval-every")
     _check_out(out, overwrite)
     torch_device = resolve_device(device)
+    dist.init_from_env(torch_device)  # under torchrun: data-parallel training, rank 0 writes
     full_train = resolve_source(data, train_split)
     resolve_source(data, test_split)  # fail on a missing test split before training
     encoder, enc_info = resolve_encoder(source, arch=None, random_init=random_init, image_size=None,
@@ -176,13 +177,13 @@ def distill(teacher_path: Path, data: str, out: Path, *, settings: TrainSettings
     teacher's architecture, i.e. self-distillation), with a fresh linear head.
     """
     started = time.perf_counter()
-    _check_single_process("distill")
     if student_arch and student_init:
         raise UserError("--arch gives a random-init student and --init a pretrained one; pass only one")
     if not temperature > 0:
         raise UserError(f"--temperature must be positive, got {temperature}")
     _check_out(out, overwrite)
     torch_device = resolve_device(device)
+    dist.init_from_env(torch_device)  # under torchrun: data-parallel training, rank 0 writes
     teacher, meta = load_classifier(Path(teacher_path))
     train = resolve_source(data, train_split)
     resolve_source(data, test_split)
@@ -199,6 +200,8 @@ def distill(teacher_path: Path, data: str, out: Path, *, settings: TrainSettings
                        std=tuple(json.loads(meta["std"])))
     info(f"distilling {teacher_path} ({meta['arch']}) into a {student.backbone.spec.arch} student on "
          f"{train.num_samples} images, temperature {temperature}")
+    # Each process runs the teacher on its own share of every batch: its soft labels are per image, so they
+    # are the ones one process would compute for the same (augmented) images.
     teacher.to(torch_device)
     train_classifier(student, train, settings, teacher_loss(teacher, temperature), device=torch_device, log=info)
     student_meta = {**{k: meta[k] for k in ("eval_crop_pct", "image_size", "mean", "std", "classes")},

@@ -1,4 +1,5 @@
-"""Evaluation under torchrun: ranks share feature extraction and give one process's metrics; rank 0 alone writes.
+"""Evaluation under torchrun: ranks share feature extraction and give one process's metrics; rank 0 alone writes
+(finetune, distill, zero-shot and the single-device commands: tests/test_distributed_subcommands.py).
 Plus the SLURM recipes, which must parse and use only options that exist."""
 
 from __future__ import annotations
@@ -21,10 +22,7 @@ import sslcli.distributed
 from sslcli.cli.app import app
 from sslcli.data.reader import resolve_source
 from sslcli.data.synth import generate_synthetic
-from sslcli.errors import UserError
 from sslcli.evaluation.features import _rank_loaders
-from sslcli.evaluation.finetune import TrainSettings
-from sslcli.finetune import finetune
 
 SCRIPT = Path(__file__).parent / "dist" / "eval_commands.py"
 RECIPES = Path(__file__).parents[1] / "recipes" / "slurm"
@@ -83,13 +81,6 @@ def test_rank_shares_hold_every_sample_once(odd_data: Path, world: int, monkeypa
         assert source.num_samples // world <= len(share) <= source.num_samples // world + 1
         seen += share
     assert sorted(seen) == list(range(source.num_samples))
-
-
-def test_finetune_under_torchrun_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(UserError, match="single process"):
-        finetune("missing-run", "missing-data", tmp_path / "out", settings=TrainSettings())
-    assert not (tmp_path / "out").exists()
 
 
 def _commands(script: Path) -> list[str]:

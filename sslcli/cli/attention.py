@@ -8,8 +8,10 @@ from typing import Annotated
 import typer
 
 from sslcli.cli.options import Device, Images, ImagesLimit, ImagesSplit, Zoom, check_image_options
+from sslcli.distributed import first_rank_only
 
 
+@first_rank_only("sslcli attention")
 def attention_command(
     source: Annotated[str, typer.Argument(
         help="A ViT's run directory (uses RUN/encoder.safetensors) or exported .safetensors file.")],

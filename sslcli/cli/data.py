@@ -15,6 +15,7 @@ from sslcli.data.reader import read_index, resolve_source
 from sslcli.data.shards import folder_to_shards
 from sslcli.data.synth import generate_synthetic
 from sslcli.data.synth_pairs import check_hold_out_args
+from sslcli.distributed import first_rank_only
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -34,6 +35,7 @@ def _split_summary(index: dict) -> str:
 
 
 @app.command("synth")
+@first_rank_only("sslcli data synth")
 def synth(
     out: Annotated[Path, typer.Argument(help="Directory to write the shards and index.json into.")],
     train: Annotated[int, typer.Option(help="Number of training images.")] = 10000,
@@ -70,6 +72,7 @@ def synth(
 
 
 @app.command("shards")
+@first_rank_only("sslcli data shards")
 def shards(
     src: Annotated[Path, typer.Argument(help="ImageFolder tree (class subfolders) or a folder of images.")],
     out: Annotated[Path, typer.Argument(help="Directory to write the shards and index.json into.")],
@@ -90,6 +93,7 @@ def shards(
 
 
 @app.command("subset")
+@first_rank_only("sslcli data subset")
 def subset(
     data: Annotated[str, typer.Argument(help="Labelled shard directory or image folder.")],
     out: Annotated[Path, typer.Argument(help="Directory to write the subset dataset into.")],
@@ -108,6 +112,7 @@ def subset(
 
 
 @app.command("info")
+@first_rank_only("sslcli data info")
 def info(
     path: Annotated[str, typer.Argument(help="Shard directory, brace pattern, .tar file or image folder.")],
     split: Annotated[str, typer.Option(help="Split to describe.")] = "train",

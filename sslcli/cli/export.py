@@ -9,8 +9,10 @@ import typer
 from rich.console import Console
 
 from sslcli.cli.options import Overwrite
+from sslcli.distributed import first_rank_only
 
 
+@first_rank_only("sslcli export")
 def export_command(
     run: Annotated[Path, typer.Argument(help="Run directory (uses its latest checkpoint) or a checkpoint .pt file.")],
     out: Annotated[Path, typer.Option("--out", help="Destination .safetensors file.")] = Path("encoder.safetensors"),

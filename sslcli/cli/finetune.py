@@ -11,7 +11,8 @@ from sslcli.cli.options import Data, Device, Overwrite
 
 # Training options both commands share, defined once.
 Epochs = Annotated[int, typer.Option("--epochs", help="Passes over the training split.")]
-BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per step.")]
+BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per step, over all processes under torchrun "
+                                        "(each takes an equal share).")]
 Optimizer = Annotated[str, typer.Option("--optimizer", help="lars (SimCLR v2), sgd (momentum 0.9) or adamw.")]
 Lr = Annotated[float, typer.Option("--lr", help="Peak learning rate for a batch of 256 (scaled linearly; cosine decay).")]
 WeightDecay = Annotated[float, typer.Option("--weight-decay", help="Decoupled from biases and norms.")]

@@ -7,7 +7,10 @@ from typing import Annotated
 
 import typer
 
+from sslcli.distributed import first_rank_only
 
+
+@first_rank_only("sslcli plot")
 def plot_command(
     run: Annotated[Path, typer.Argument(help="Run directory written by `sslcli pretrain` (reads RUN/metrics.jsonl "
                                         "and RUN/results/*.json).")],

@@ -9,8 +9,10 @@ from typing import Annotated
 import typer
 
 from sslcli.cli.options import Device, Images, ImagesLimit, ImagesSplit, Zoom, check_image_options
+from sslcli.distributed import first_rank_only
 
 
+@first_rank_only("sslcli reconstruct")
 def reconstruct_command(
     source: Annotated[str, typer.Argument(
         help="An MAE run directory (its latest checkpoint) or one of its checkpoints/epoch-NNNN.pt files.")],

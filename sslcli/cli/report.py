@@ -8,10 +8,12 @@ from typing import Annotated
 import typer
 
 from sslcli.cli.options import Overwrite
+from sslcli.distributed import first_rank_only
 
 FORMATS = ("table", "markdown")
 
 
+@first_rank_only("sslcli report")
 def report_command(
     paths: Annotated[list[Path], typer.Argument(
         help="Results JSON files, run directories (RUN/results/*.json) or finetune outputs (OUT/results.json).",

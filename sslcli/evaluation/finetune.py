@@ -7,6 +7,14 @@ The train augmentation is SimCLR v2's fine-tuning one: random resized crop and f
 BEiT / MAE fine-tuning protocol adds, from timm: layer-wise lr decay on timm's layer grouping
 (:func:`layer_decay_groups`), mixup / cutmix with soft-target cross-entropy (:func:`build_mixup`), and
 drop-path (set when the backbone is built: :func:`sslcli.evaluation.finetune_parts.with_drop_path`).
+
+Under torchrun the loop is data-parallel: each of the W processes trains on its share of every global
+batch (``--batch-size`` / W images; :func:`per_process_batch`), DistributedDataParallel averages the
+gradients, and the lr is scaled from the global batch.  Evaluation shares the split between the processes
+(:func:`sslcli.evaluation.features.extract_features`) and every process gets the whole split's metrics.
+What differs from one process on the global batch: BatchNorm statistics are per process on CPUs (SyncBN,
+over the global batch, on GPUs), the augmentation is drawn per (process, batch, slot), and mixup / cutmix
+pair images within a process's share.
 """
 
 from __future__ import annotations
@@ -26,10 +34,12 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.models import group_parameters
 from torch import nn
 
+from sslcli import distributed as dist
 from sslcli.augment import ViewConfig, view_transform
 from sslcli.data.reader import DataSource, build_loader
 from sslcli.engine.optim import OptimConfig, apply_schedules, build_optimizer, param_groups
 from sslcli.errors import UserError
+from sslcli.evaluation.features import extract_features
 from sslcli.evaluation.results import topk_accuracy
 from sslcli.losses import distillation_loss
 from sslcli.models.classifier import Classifier
@@ -128,33 +138,66 @@ def _numpy_seeded(seed: int) -> Iterator[None]:
         np.random.set_state(state)
 
 
+def per_process_batch(settings: TrainSettings, source: DataSource, *, paired: bool) -> int:
+    """Each process's share of the global ``settings.batch_size`` (all of it in one process).
+
+    A split smaller than the batch shrinks it to the split (even when ``paired``: mixup / cutmix pair the
+    images of a process's share, so each share must be even).
+    """
+    world = dist.world_size()
+    if settings.batch_size % world:
+        raise UserError(f"--batch-size {settings.batch_size} is not divisible by the {world} processes; "
+                        f"pick a multiple of {world}")
+    local = settings.batch_size // world
+    if paired and local % 2:
+        raise UserError(f"--batch-size {settings.batch_size} gives {local} images per process, and mixup / cutmix "
+                        f"pair the images of each process's share; pick a multiple of {2 * world}")
+    local = min(local, source.num_samples // world)
+    if paired:
+        local -= local % 2
+    if local < 1:
+        raise UserError(f"'{source.spec}' has {source.num_samples} training image(s), too few for a batch on each "
+                        f"of {world} process(es); use more data or fewer processes")
+    return local
+
+
 def train_classifier(model: Classifier, source: DataSource, settings: TrainSettings, loss_fn: LossFn, *,
                      device: torch.device, log: Callable[[str], None] = print, mixup: Mixup | None = None,
                      after_epoch: EpochHook | None = None) -> float:
-    """Trains ``model`` on ``source`` for ``settings.epochs``; returns the last epoch's mean loss.
+    """Trains ``model`` on ``source`` for ``settings.epochs``; returns the last epoch's mean loss (over all
+    processes under torchrun, where each process trains on its share of every batch).
 
     With ``mixup`` each batch is mixed before the forward pass and ``batch["soft_target"]`` holds its soft
-    labels (see :func:`soft_target_loss`); ``after_epoch(epochs_done, model)`` runs after every epoch.
+    labels (see :func:`soft_target_loss`); ``after_epoch(epochs_done, model)`` runs after every epoch, on
+    every process.
     """
     settings.check()
     view = ViewConfig(count=1, size=settings.image_size, scale=(settings.min_scale, 1.0), flip=0.5, jitter_p=0.0,
                       gray_p=0.0, blur_p=0.0, solarize_p=0.0)
     transform = view_transform(view, settings.mean, settings.std)
-    batch_size = min(settings.batch_size, source.num_samples)
-    if mixup is not None:
-        batch_size -= batch_size % 2  # a split smaller than the batch can make it odd
+    world, rank = dist.world_size(), dist.rank()
+    local_batch = per_process_batch(settings, source, paired=mixup is not None)
     cfg = OptimConfig(name=settings.optimizer, lr=settings.lr, weight_decay=settings.weight_decay,  # type: ignore[arg-type]
                       warmup_epochs=settings.warmup_epochs, schedule="cosine")
-    base_lr = cfg.scaled_lr(batch_size)
+    base_lr = cfg.scaled_lr(local_batch * world)
+    log(f"batch {local_batch * world} ({world} process(es) x {local_batch}); lr {settings.lr:g} per 256 -> "
+        f"{base_lr:.3g}")
+    # numpy (timm's mixup) is seeded alike on every process: one mixup / cutmix draw per global step, as one
+    # process draws one per batch.  torch (drop-path, dropout) is seeded per process, or every process would
+    # drop the same paths for its first image, its second, ...
     with torch.random.fork_rng(devices=[]), _numpy_seeded(settings.seed):
-        torch.manual_seed(settings.seed)
+        torch.manual_seed(settings.seed + rank)
         model.to(device)
+        if device.type == "cuda":  # SyncBN has CUDA kernels only; on CPUs each process keeps its own statistics
+            model = dist.convert_sync_batchnorm(model)  # type: ignore[assignment]
+        ddp = dist.wrap_ddp(model, device)  # forward and backward go through it; the hooks get the model itself
         groups = layer_decay_groups(model, settings.layer_decay) if settings.layer_decay else param_groups(model)
         optimizer = build_optimizer(groups, cfg, base_lr)
         epoch_loss = float("nan")
         for epoch in range(settings.epochs):
-            loader = build_loader(source, transform, batch_size=batch_size, shuffle=True, seed=settings.seed,
-                                  epoch=epoch, num_workers=settings.num_workers, drop_last=True)
+            loader = build_loader(source, transform, batch_size=local_batch, shuffle=True, seed=settings.seed,
+                                  epoch=epoch, num_workers=settings.num_workers, drop_last=True, rank=rank,
+                                  world_size=world)
             model.train()
             total = torch.zeros((), device=device)
             for i, batch in enumerate(loader):
@@ -164,12 +207,13 @@ def train_classifier(model: Classifier, source: DataSource, settings: TrainSetti
                 x = batch["image"].to(device, non_blocking=True)
                 if mixup is not None:
                     x, batch["soft_target"] = mixup(x, _labels(batch, device))
-                loss = loss_fn(model(x), x, batch)
+                loss = loss_fn(ddp(x), x, batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 total += loss.detach()
-            epoch_loss = float(total) / len(loader)
+            # The mean over processes: every process then takes the same branch below.
+            epoch_loss = float(dist.all_reduce_mean(total)) / len(loader)
             if not math.isfinite(epoch_loss):
                 raise UserError(f"training diverged (loss {epoch_loss}) in epoch {epoch + 1}; lower --lr")
             log(f"epoch {epoch + 1}/{settings.epochs}: loss {epoch_loss:.4f}")
@@ -178,18 +222,15 @@ def train_classifier(model: Classifier, source: DataSource, settings: TrainSetti
     return epoch_loss
 
 
-@torch.no_grad()
 def evaluate_classifier(model: Classifier, source: DataSource, transform: Callable[[Any], torch.Tensor], *,
                         device: torch.device, batch_size: int = 256, num_workers: int = 0) -> dict[str, float]:
-    """Top-1 / top-5 accuracy and mean cross-entropy of ``model`` on a labelled split."""
-    loader = build_loader(source, transform, batch_size=batch_size, shuffle=False, drop_last=False,
-                          num_workers=num_workers)
-    model.eval().to(device)
-    logits, labels = [], []
-    for batch in loader:
-        logits.append(model(batch["image"].to(device)).float().cpu())
-        labels.append(torch.as_tensor(batch["label"]).long())
-    scores, y = torch.cat(logits), torch.cat(labels)
+    """Top-1 / top-5 accuracy and mean cross-entropy of ``model`` on a labelled split.
+
+    Under torchrun each process computes the logits of its share and every process gets the whole split's
+    metrics (the logits are gathered in sample order, as knn gathers features).
+    """
+    scores, y = extract_features(model, source, transform, batch_size=batch_size, device=device,
+                                 num_workers=num_workers)
     if (y < 0).any():
         raise UserError(f"split '{source.split}' of '{source.spec}' is unlabelled; accuracy needs labels")
     return {**topk_accuracy(scores, y), "loss": F.cross_entropy(scores, y).item()}

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sslcli import distributed as dist
 from sslcli.data.reader import DataSource
 from sslcli.data.subset import balanced_subset, select_samples, split_labels
 from sslcli.errors import UserError
@@ -72,7 +73,11 @@ def with_drop_path(encoder: Encoder, rate: float) -> Encoder:
 class BestEpoch:
     """``after_epoch`` hook of :func:`~sslcli.evaluation.finetune.train_classifier`: top-1 on ``val`` every
     ``every`` epochs and after the ``last``; the best epoch's classifier (highest validation top-1, the
-    earliest on ties) is written to ``path`` (atomically, as every weights file)."""
+    earliest on ties) is written to ``path`` (atomically, as every weights file).
+
+    Under torchrun every process runs the hook: the processes share the validation split and all see its
+    metrics, so they agree on the best epoch; rank 0 alone writes ``path``, which every process reads back
+    in :meth:`test_metrics` (so ``path`` must be on a file system they all see, as a pretraining run's is)."""
 
     def __init__(self, val: DataSource, transform: Callable[[Any], torch.Tensor], path: Path,
                  meta: dict[str, str], *, every: int, last: int, device: torch.device, num_workers: int = 0,
@@ -91,7 +96,7 @@ class BestEpoch:
         improved = self.best is None or metrics["top1"] > self.best["top1"]
         if improved:
             self.best = {"epoch": epoch, **metrics}
-            save_classifier(model, self.path, {**self.meta, "epoch": str(epoch)})
+            dist.on_main(lambda: save_classifier(model, self.path, {**self.meta, "epoch": str(epoch)}))
         self.log(f"epoch {epoch}: validation top-1 {metrics['top1']:.1%}{' (best so far)' if improved else ''}")
 
     def test_metrics(self, test: DataSource, transform: Callable[[Any], torch.Tensor], *, device: torch.device,
