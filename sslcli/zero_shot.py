@@ -31,7 +31,7 @@ from sslcli.augment import eval_transform
 from sslcli.data.images import image_file
 from sslcli.data.reader import resolve_source
 from sslcli.errors import UserError
-from sslcli.evaluation.features import _gather_shares, _rank_loaders
+from sslcli.evaluation.features import gather_shares, rank_loaders
 from sslcli.evaluation.linear_probe import state_fingerprint
 from sslcli.evaluation.logistic import few_shot_curve
 from sslcli.evaluation.plots import confusion_matrix, confusion_png, curve_png
@@ -77,7 +77,7 @@ def embed_split(model: CLIP, spec: str, split: str, transform: Any, *, batch_siz
     labels: list[torch.Tensor] = []
     indices: list[torch.Tensor] = []
     texts: list[str] = []
-    for loader in _rank_loaders(source, transform, batch_size=batch_size, num_workers=0):
+    for loader in rank_loaders(source, transform, batch_size=batch_size, num_workers=0):
         for batch in loader:
             take = mine - len(texts)
             if take <= 0:
@@ -86,7 +86,7 @@ def embed_split(model: CLIP, spec: str, split: str, transform: Any, *, batch_siz
             labels.append(batch["label"][:take])
             indices.append(batch["index"][:take])
             texts += batch["text"][:take]
-    all_feats, all_labels, all_indices = _gather_shares(feats, labels, indices, wanted)
+    all_feats, all_labels, all_indices = gather_shares(feats, labels, indices, wanted)
     all_texts = [text for share in dist.gather_objects(texts) for text in share]  # rank order, as the tensors
     out = Embedded()
     folder = source.kind == "folder"

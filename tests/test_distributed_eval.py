@@ -22,7 +22,7 @@ import sslcli.distributed
 from sslcli.cli.app import app
 from sslcli.data.reader import resolve_source
 from sslcli.data.synth import generate_synthetic
-from sslcli.evaluation.features import _rank_loaders
+from sslcli.evaluation.features import rank_loaders
 
 SCRIPT = Path(__file__).parent / "dist" / "eval_commands.py"
 RECIPES = Path(__file__).parents[1] / "recipes" / "slurm"
@@ -76,7 +76,7 @@ def test_rank_shares_hold_every_sample_once(odd_data: Path, world: int, monkeypa
     for rank in range(world):
         monkeypatch.setattr(sslcli.distributed, "rank", lambda rank=rank: rank)
         monkeypatch.setattr(sslcli.distributed, "world_size", lambda: world)
-        share = [int(i) for loader in _rank_loaders(source, to_tensor, batch_size=16, num_workers=0)
+        share = [int(i) for loader in rank_loaders(source, to_tensor, batch_size=16, num_workers=0)
                  for batch in loader for i in batch["index"]]
         assert source.num_samples // world <= len(share) <= source.num_samples // world + 1
         seen += share

@@ -251,7 +251,7 @@ def extract_features(
     if cache is not None:
         return cache.fetch(encoder, source, lambda: extract_features(
             encoder, source, transform, batch_size=batch_size, device=device, num_workers=num_workers))
-    loaders = _rank_loaders(source, transform, batch_size=batch_size, num_workers=num_workers)
+    loaders = rank_loaders(source, transform, batch_size=batch_size, num_workers=num_workers)
     was_training = encoder.training
     encoder.eval().to(device)
     feats: list[torch.Tensor] = []
@@ -267,7 +267,7 @@ def extract_features(
                 indices.append(torch.as_tensor(batch["index"]).long().cpu())
     finally:
         encoder.train(was_training)
-    all_feats, all_labels, index = _gather_shares(feats, labels, indices, source.num_samples)
+    all_feats, all_labels, index = gather_shares(feats, labels, indices, source.num_samples)
     # A loader that dropped or added samples would silently bias every metric.
     if index.numel() != source.num_samples:
         raise RuntimeError(f"the loader yielded {index.numel()} samples for a split of {source.num_samples}")
@@ -276,7 +276,7 @@ def extract_features(
     return all_feats[order], all_labels[order]
 
 
-def _rank_loaders(source: DataSource, transform: Callable[[Any], torch.Tensor], *, batch_size: int,
+def rank_loaders(source: DataSource, transform: Callable[[Any], torch.Tensor], *, batch_size: int,
                   num_workers: int) -> list[Loader]:
     """This rank's share of the split in stream order: every sample once across ranks.
 
@@ -297,7 +297,7 @@ def _rank_loaders(source: DataSource, transform: Callable[[Any], torch.Tensor], 
     return loaders
 
 
-def _gather_shares(feats: list[torch.Tensor], labels: list[torch.Tensor], indices: list[torch.Tensor],
+def gather_shares(feats: list[torch.Tensor], labels: list[torch.Tensor], indices: list[torch.Tensor],
                    num_samples: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every rank's ``(features, labels, sample indices)``, concatenated (rank order; the caller sorts)."""
     if dist.world_size() == 1:

@@ -21,7 +21,7 @@ ENCODER = ["--random-init", "--arch", "resnet18", "--image-size", "32", "--crop-
            "--batch-size", "1"]
 
 
-def _track_writes(root: Path, written: list[str]) -> Callable[[], None]:
+def track_writes(root: Path, written: list[str]) -> Callable[[], None]:
     """Wraps the calls a write goes through (safetensors' own writer still ends in os.replace); returns an undo."""
     real = {"open": builtins.open, "os_open": os.open, "replace": os.replace, "rename": os.rename, "mkdir": os.mkdir}
 
@@ -63,7 +63,7 @@ def main(data: str, root: Path, tag: str) -> None:
     root = root.resolve()
     rank = int(os.environ.get("RANK", 0))
     written: list[str] = []
-    undo = _track_writes(root, written)
+    undo = track_writes(root, written)
     commands = [
         ["knn", *ENCODER, "--data", data, "--k", "5", "--k", "20", "--out", str(root / f"{tag}-knn.json")],
         ["linear-probe", *ENCODER, "--data", data, "--protocol", "fast", "--out", str(root / f"{tag}-probe.json")],

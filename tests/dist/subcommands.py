@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from eval_commands import _track_writes  # the same write tracking as the knn / linear-probe / embed check
+from eval_commands import track_writes  # the same write tracking as the knn / linear-probe / embed check
 
 import sslcli.evaluation.finetune
 from sslcli.augment import eval_transform
@@ -69,7 +69,7 @@ def main(work: Path, tag: str, single_device: bool) -> None:
     work = work.resolve()
     sslcli.evaluation.finetune.view_transform = lambda view, mean, std: eval_transform(view.size, 1.0, mean, std)
     written: list[str] = []
-    undo = _track_writes(work, written)
+    undo = track_writes(work, written)
     commands = _training(work, tag) + _zero_shot(work, tag) + (_single_device(work, tag) if single_device else [])
     try:
         for args in commands:
