@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -30,3 +31,19 @@ def torchrun(script: str, *args: str, nproc: int = 2) -> None:
     """``tests/dist/<script> args...`` on ``nproc`` gloo ranks (torchrun --standalone)."""
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
           str(SCRIPTS / script), *args])
+
+
+def torchrun_nodes(script: str, *args: str, nodes: int = 2) -> None:
+    """``tests/dist/<script> args...`` as ``nodes`` one-process "nodes" on this host: one torchrun per node
+    meeting at a c10d rendezvous, the way a multi-node SLURM job launches (recipes/slurm/multi_node.sbatch)."""
+    with socket.socket() as probe:  # a free port for the rendezvous store
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}", "--nproc_per_node=1",
+           "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id=test-{port}",
+           str(SCRIPTS / script), *args]
+    launchers = [subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for _ in range(nodes)]
+    outputs = [launcher.communicate(timeout=300)[0] for launcher in launchers]
+    for launcher, output in zip(launchers, outputs):
+        assert launcher.returncode == 0, output[-3000:]

@@ -8,7 +8,7 @@ import torch
 
 from sslcli import distributed as dist
 
-from dist_launch import run_single, torchrun
+from dist_launch import run_single, torchrun, torchrun_nodes
 
 
 def test_single_process_helpers_are_identities() -> None:
@@ -49,6 +49,20 @@ def test_two_ranks_equal_one_rank(case: str, tmp_path: Path) -> None:
     for key in a["buffers"]:
         assert torch.allclose(a["buffers"][key].float(), b["buffers"][key].float(), atol=1e-5), key
 
+
+
+def test_two_nodes_at_a_rendezvous_equal_one_process(tmp_path: Path) -> None:
+    """Multi-node launch: two torchruns (one per "node", here both on localhost) meet at a c10d rendezvous;
+    the SimCLR step across them equals the single-process step on the global batch."""
+    one, two = tmp_path / "one.pt", tmp_path / "nodes.pt"
+    name, method_args = EQUIVALENT_STEPS["simclr"]
+    run_single("step_equivalence.py", name, json.dumps(method_args), str(one))
+    torchrun_nodes("step_equivalence.py", name, json.dumps(method_args), str(two))
+    a, b = torch.load(one), torch.load(two)
+    assert a["world"] == 1 and b["world"] == 2
+    assert torch.allclose(a["loss"], b["loss"], atol=1e-5)
+    for key in a["grads"]:
+        assert torch.allclose(a["grads"][key], b["grads"][key], rtol=1e-4, atol=1e-6), key
 
 def test_shuffle_bn_across_two_ranks(tmp_path: Path) -> None:
     out = tmp_path / "shuffle.pt"
