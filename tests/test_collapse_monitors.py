@@ -69,6 +69,9 @@ def _run(data: Path, out: Path, stop_gradient: bool) -> list[dict]:
     options = {"data": str(data), "epochs": 2, "batch_size": 32, "num_workers": 0, "augment.views": views}
     sets = ["log_every=4", "optim.name=sgd", "optim.lr=2.0", "optim.weight_decay=1e-4", "optim.warmup_epochs=0",
             "method_args.dim=64", "method_args.proj_hidden=64", "method_args.pred_hidden=16",
+            # the paper's heads: 3-layer projector with its output BN, every parameter decayed, predictor lr fixed
+            "method_args.proj_layers=3", "method_args.proj_last_norm=bn_noaffine", "method_args.wd_all=true",
+            "method_args.fix_pred_lr=true",
             f"method_args.stop_gradient={str(stop_gradient).lower()}"]
     run = pretrain(build_config("simsiam", "small", options, sets), out, device="cpu")
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -83,6 +83,18 @@ def test_predictor_keeps_the_base_lr_and_every_parameter_is_decayed() -> None:
     assert sum(len(g["params"]) for g in opt.param_groups) == len([p for p in method.parameters() if p.requires_grad])
 
 
+
+def test_wd_all_false_exempts_biases_and_norms_and_the_small_recipe_uses_it() -> None:
+    method = build_method("simsiam", create_encoder("resnet18"), {**SMALL, "wd_all": False, "fix_pred_lr": False})
+    groups = method.param_groups()
+    assert {g["apply_wd"] for g in groups} == {True, False} and not any(g["fixed_lr"] for g in groups)
+    for group in groups:
+        assert all((p.ndim > 1) == group["apply_wd"] for p in group["params"])
+    small = build_config("simsiam", "small", {}, [])
+    assert small.method_args["wd_all"] is False and small.method_args["proj_last_norm"] is None
+    head = build_method("simsiam", create_encoder("resnet18"), small.method_args).projector
+    assert not isinstance(head[-1], torch.nn.BatchNorm1d)  # Table 4 (b): no BN on the projector's output
+
 def test_paper_recipe() -> None:
     cfg = build_config("simsiam", None, {}, [])
     assert (cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.momentum) == ("sgd", 0.05, 1e-4, 0.9)
