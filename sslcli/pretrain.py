@@ -28,7 +28,7 @@ from sslcli.config import PretrainConfig, to_dict
 from sslcli.data.captions import iter_captions
 from sslcli.data.reader import build_loader, epoch_batches, resolve_source
 from sslcli.engine import checkpoint
-from sslcli.engine.device import resolve_device
+from sslcli.engine.device import memory_format_for, resolve_device
 from sslcli.engine.metrics import MetricsLog, info
 from sslcli.engine.optim import build_optimizer
 from sslcli.engine.precision import autocast_dtype, grad_scaler
@@ -130,10 +130,9 @@ def _pretrain(cfg: PretrainConfig, out: Path, dev: torch.device, *, resume: Resu
         if encoder is None:
             raise UserError(f"--freeze-patch-embed needs a ViT backbone; {cfg.method} trains no backbone")
         encoder.freeze_patch_embed()
-    # channels_last: measured ~15% faster for ResNets on CPU too; a no-op for linear layers.
     method = build_method(cfg.method, encoder, cfg.method_args, num_samples=source.num_samples, augment=cfg.augment,
                           epochs=cfg.epochs, captions=lambda: iter_captions(source))
-    method = method.to(dev, memory_format=torch.channels_last)
+    method = method.to(dev, memory_format=memory_format_for(method, dev))  # the loop lays out the views alike
     if cfg.sync_bn and dev.type == "cuda":  # SyncBN's kernels exist for CUDA only
         method = dist.convert_sync_batchnorm(method)
     model = dist.wrap_ddp(method, dev)

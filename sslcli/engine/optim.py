@@ -61,11 +61,32 @@ def param_groups(model: nn.Module, *, fixed_lr: tuple[nn.Module, ...] = ()) -> l
     ]
 
 
-def build_optimizer(groups: list[dict], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+# Devices with torch's fused (single-kernel) SGD and AdamW updates among those sslcli runs on.
+FUSED_DEVICES = ("cpu", "cuda")
+
+
+def fused_available(groups: list[dict]) -> bool:
+    """Whether torch's fused SGD / AdamW kernels take every parameter of ``groups`` (dense floats on a
+    device that has them)."""
+    params = [p for group in groups for p in group["params"]]
+    return all(p.is_floating_point() and not p.is_sparse and p.device.type in FUSED_DEVICES for p in params)
+
+
+def build_optimizer(groups: list[dict], cfg: OptimConfig, lr: float, *, fused: bool | None = None) -> torch.optim.Optimizer:
+    """``cfg``'s optimiser over ``groups`` at ``lr``.
+
+    ``fused``: SGD and AdamW update all parameters in one fused kernel (None: wherever
+    :func:`fused_available`; False: torch's default, a loop over tensors on the CPU and foreach
+    kernels on a GPU).  Measured faster on the reference CPU, for the same update to float rounding
+    (``tests/test_optimised_paths.py``): over ResNet-18's parameters AdamW took 36.6 -> 6.8 ms per
+    step and SGD 9.8 -> 4.1 ms (docs/benchmarks.md).  LARS (timm's) has no fused form.
+    """
+    fused = fused_available(groups) if fused is None else fused
+    impl = {"fused": True} if fused else {}
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, **impl)
     if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps)
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, **impl)
     if cfg.name == "lars":
         # Undecayed groups (biases, norms) skip the trust ratio: timm adapts only where wd != 0.
         return Lars(groups, lr=lr, momentum=cfg.momentum, trust_clip=False)

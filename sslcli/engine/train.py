@@ -12,6 +12,7 @@ from torch import nn
 
 from sslcli import distributed as dist
 from sslcli.engine import rng
+from sslcli.engine.device import memory_format_for
 from sslcli.engine.guards import BadSampleBudget, StepGuard
 from sslcli.engine.metrics import CollapseMonitor, MetricsLog, TrainProgress
 from sslcli.engine.optim import OptimConfig, apply_schedules
@@ -51,6 +52,7 @@ def train(model: nn.Module, method: Method, optimizer: torch.optim.Optimizer, sc
     total_steps = settings.epochs * steps_per_epoch
     monitor, guard = CollapseMonitor(), StepGuard(settings.max_bad_steps, loop.bad_steps_in_row)
     data = BadSampleBudget(settings.max_bad_fraction, settings.device, loop.bad_samples, loop.samples)
+    layout = memory_format_for(method, settings.device)  # the views', as pretrain lays out the weights
 
     def save() -> str:
         data.sync()
@@ -69,8 +71,7 @@ def train(model: nn.Module, method: Method, optimizer: torch.optim.Optimizer, sc
                 step = loop.epoch * steps_per_epoch + i  # optimiser steps before this one
                 lr, wd = apply_schedules(optimizer, settings.optim, settings.base_lr, loop.epoch + i / steps_per_epoch,
                                          settings.epochs)
-                views = [v.to(settings.device, non_blocking=True, memory_format=torch.channels_last)
-                         for v in batch["views"]]
+                views = [v.to(settings.device, non_blocking=True, memory_format=layout) for v in batch["views"]]
                 optimizer.zero_grad(set_to_none=True)
                 loss, out = forward_backward(model, views, batch, scaler, settings.device, settings.amp_dtype,
                                              settings.accum_steps)
