@@ -203,8 +203,12 @@ def rates(result: dict[str, Any], bench: Bench) -> None:
         model["fraction_of_matmul_peak"] = {"dtype": peak["dtype"], "value": round(achieved / peak["flop_per_s"], 4)}
 
 
+def _ints(text: str) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]``."""
+    return [int(x) for x in text.split(",") if x != ""]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ints = lambda text: [int(x) for x in text.split(",") if x != ""]  # noqa: E731
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", required=True, help="a method or a recipe that names one (seer)")
     p.add_argument("--recipe", default="small")
@@ -222,8 +226,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--global-size", type=int, help="global crop side (pretrain --global-size)")
     p.add_argument("--local-size", type=int, help="local crop side (pretrain --local-size)")
     p.add_argument("--set", dest="sets", action="append", default=[], help="config override, as pretrain --set")
-    p.add_argument("--workers", type=ints, default=[0, 1, 2], help="data-pipeline worker counts, e.g. 0,1,2")
-    p.add_argument("--e2e-workers", type=ints, help="worker counts of the end-to-end runs (default: the recipe's)")
+    p.add_argument("--workers", type=_ints, default=[0, 1, 2], help="data-pipeline worker counts, e.g. 0,1,2")
+    p.add_argument("--e2e-workers", type=_ints, help="worker counts of the end-to-end runs (default: the recipe's)")
     p.add_argument("--phases", default="data,model,e2e,flops", help="a subset of data,model,e2e,flops")
     p.add_argument("--steps", type=int, default=20, help="timed batches per phase")
     p.add_argument("--warmup", type=int, default=3, help="untimed batches before each phase")
@@ -257,7 +261,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         views = MultiView(cfg.augment, bench.method.extra_fields())
         fake_views, meta = synthetic_batch(bench, views)
         result["setup"] = {
-            "method": cfg.method, "recipe": args.recipe, "arch": cfg.arch if bench.method.backbone is not None else None,
+            "method": cfg.method, "recipe": args.recipe,
+            "arch": cfg.arch if bench.method.backbone is not None else None,
             "batch_size": cfg.batch_size, "views": [list(v.shape[1:]) for v in fake_views],
             "precision": str(bench.amp_dtype or torch.float32).removeprefix("torch."), "compile": cfg.compile,
             "memory_format": "channels_last" if bench.memory_format == torch.channels_last else "contiguous",

@@ -42,12 +42,14 @@ def _load(r: dict[str, Any]) -> str:
 def model_row(r: dict[str, Any]) -> str:
     s, model, flops = r["setup"], r.get("model_step") or {}, r.get("flops") or {}
     e2e = max(r.get("end_to_end") or [{}], key=lambda e: e.get("workers", -1))
-    per_image = flops.get("flops_per_step", 0) / s["batch_size"] / 1e9
-    share = model.get("mfu") if model.get("mfu") is not None else (model.get("fraction_of_matmul_peak") or {}).get("value")
+    counted = per_image = ""
+    if flops and model:
+        share = model.get("mfu") if model.get("mfu") is not None else model["fraction_of_matmul_peak"]["value"]
+        per_image = f"{flops['flops_per_step'] / s['batch_size'] / 1e9:.3f}"
+        counted = f"{model['achieved_flop_per_s'] / 1e9:.1f} ({_pct(share)})"
     return (f"| {s['method']} | {s['arch'] or 'own networks'} | {_views(s)} | {s['batch_size']} | {s['precision']} | "
             f"{model.get('img_per_s', '')} | {e2e.get('img_per_s', '')} ({e2e.get('workers', '')}) | "
-            f"{_pct(e2e.get('model_fraction'))} / {_pct(e2e.get('data_wait_fraction'))} | "
-            f"{per_image:.3f} | {model.get('achieved_flop_per_s', 0) / 1e9:.1f} ({_pct(share)}) | "
+            f"{_pct(e2e.get('model_fraction'))} / {_pct(e2e.get('data_wait_fraction'))} | {per_image} | {counted} | "
             f"{_mib(model.get('memory'))} | {_load(r)} |")
 
 
@@ -73,8 +75,8 @@ def e2e_rows(results: list[dict[str, Any]]) -> str:
     lines = ["| method | workers | end-to-end img/s | model share | data-wait share |", "|---|---|---|---|---|"]
     for r in results:
         for e in r.get("end_to_end", []):
-            lines.append(f"| {r['setup']['method']} | {e['workers']} | {e['img_per_s']} | {_pct(e['model_fraction'])} | "
-                         f"{_pct(e['data_wait_fraction'])} |")
+            lines.append(f"| {r['setup']['method']} | {e['workers']} | {e['img_per_s']} | "
+                         f"{_pct(e['model_fraction'])} | {_pct(e['data_wait_fraction'])} |")
     return "\n".join(lines)
 
 

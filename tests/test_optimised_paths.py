@@ -82,7 +82,8 @@ def method_and_views(arch: str, size: int) -> tuple[Method, list[torch.Tensor]]:
     return build_run_method(cfg).train(), [torch.randn(8, 3, size, size, generator=gen) for _ in range(2)]
 
 
-def one_step(method: Method, views: list[torch.Tensor], fmt: torch.memory_format) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def one_step(method: Method, views: list[torch.Tensor],
+             fmt: torch.memory_format) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The loop's step (forward, backward, guarded LARS update) with the model and views in layout ``fmt``;
     returns the loss, the gradients and, through ``method``, the updated weights."""
     method = method.to(memory_format=fmt)

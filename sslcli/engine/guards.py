@@ -38,7 +38,8 @@ class StepGuard:
     """Skips an optimiser step whose loss or gradient is not finite, and stops after ``max_bad_steps`` in a row.
 
     Deciding whether to step needs the verdict on the host before ``optimizer.step``: one read of a
-    two-element tensor per step, which on a GPU waits for the backward pass to finish.  No cheaper
+    three-element tensor per step, which on a GPU waits for the backward pass to finish (on a CPU, where
+    every op has finished when it returns, there is nothing to wait for; the GPU cost is not measured yet).  No cheaper
     exact check exists for every optimiser (LARS, SGD and AdamW alike): fp16's GradScaler reads its
     found-inf flag on the host in ``scaler.step`` just the same, and checking one step late would
     let the bad update through.  The same read carries the preemption flag, all-reduced so that

@@ -72,7 +72,8 @@ def fused_available(groups: list[dict]) -> bool:
     return all(p.is_floating_point() and not p.is_sparse and p.device.type in FUSED_DEVICES for p in params)
 
 
-def build_optimizer(groups: list[dict], cfg: OptimConfig, lr: float, *, fused: bool | None = None) -> torch.optim.Optimizer:
+def build_optimizer(groups: list[dict], cfg: OptimConfig, lr: float, *,
+                    fused: bool | None = None) -> torch.optim.Optimizer:
     """``cfg``'s optimiser over ``groups`` at ``lr``.
 
     ``fused``: SGD and AdamW update all parameters in one fused kernel (None: wherever
