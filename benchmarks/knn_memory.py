@@ -28,28 +28,13 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.machine import reset_rss_peak, status_kib
 from sslcli.atomic import atomic_path
 from sslcli.evaluation.knn import knn_classify
 
 QUERY_CHUNK = 1024  # knn_classify's and knn_evaluate's default
 MEMORY_CHUNK = 65536  # knn_evaluate's default
 MODES = {"chunked": MEMORY_CHUNK, "unchunked": None}
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    """Resets VmHWM to the current RSS (Linux >= 4.0); False where the kernel refuses."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
 
 
 def child(memory: int, mode: str, queries: int, dim: int, classes: int, ks: list[int]) -> dict:
@@ -59,13 +44,13 @@ def child(memory: int, mode: str, queries: int, dim: int, classes: int, ks: list
     train_y = torch.randint(0, classes, (memory,), generator=gen)
     test = torch.randn(queries, dim, generator=gen)
     features_mib = (train.nbytes + train_y.nbytes + test.nbytes) / 2**20
-    reset = _reset_peak()
-    before = _status_kib("VmRSS")
+    reset = reset_rss_peak()
+    before = status_kib("VmRSS")
     start = time.perf_counter()
     scores = knn_classify(train, train_y, test, k=ks, temperature=0.07, num_classes=classes,
                           chunk_size=QUERY_CHUNK, memory_chunk_size=MODES[mode])
     seconds = time.perf_counter() - start
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     assert all(s.shape == (queries, classes) for s in scores.values())
     return {"memory": memory, "mode": mode, "queries": queries, "dim": dim, "classes": classes, "k": ks,
             "query_chunk": QUERY_CHUNK, "memory_chunk": MODES[mode], "seconds": round(seconds, 2),

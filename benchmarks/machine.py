@@ -50,12 +50,12 @@ def describe(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def _status_kib(field: str) -> int | None:
+def status_kib(field: str) -> int | None:
     value = _proc_field("/proc/self/status", field)
     return int(value.split()[0]) if value else None
 
 
-def _reset_rss_peak() -> bool:
+def reset_rss_peak() -> bool:
     """Resets the kernel's resident-set high-water mark (VmHWM) to the current RSS (Linux >= 4.0)."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
@@ -83,7 +83,7 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self._before = torch.cuda.memory_allocated(self.device)
-        elif _reset_rss_peak() and (rss := _status_kib("VmRSS")) is not None:
+        elif reset_rss_peak() and (rss := status_kib("VmRSS")) is not None:
             self._before = rss * 1024
             self._source = "VmHWM - VmRSS at start (main process)"
         else:  # not resettable: the process's lifetime peak, an upper bound for the phase
@@ -98,7 +98,7 @@ class PeakMemory:
             self.result = {"peak_mib": round(peak / 2**20, 1), "increase_mib": round((peak - self._before) / 2**20, 1),
                            "source": source}
             return
-        hwm = _status_kib("VmHWM") if self._before else None
+        hwm = status_kib("VmHWM") if self._before else None
         peak = hwm * 1024 if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         self.result = {"peak_mib": round(peak / 2**20, 1),
                        "increase_mib": round((peak - self._before) / 2**20, 1) if self._before else None,
