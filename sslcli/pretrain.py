@@ -190,7 +190,7 @@ def _pretrain(cfg: PretrainConfig, out: Path, dev: torch.device, *, resume: Resu
                 optimizer.state.pop(param, None)  # a re-initialised layer starts without momentum
         return build_loader(source, views, batch_size=local_batch, shuffle=True, seed=cfg.seed, epoch=epoch,
                             num_workers=cfg.num_workers, drop_last=True, rank=dist.rank(), world_size=world,
-                            start_batch=start_batch, options=cfg.loader)
+                            start_batch=start_batch, options=cfg.loader, pin_memory=dev.type == "cuda")
 
     def on_epoch_end(epoch: int) -> None:
         if dist.is_main():

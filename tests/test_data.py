@@ -9,6 +9,7 @@ import shutil
 import tarfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -333,3 +334,28 @@ def test_cli_reports_missing_path_in_one_line(tmp_path: Path) -> None:
     assert result.exit_code == 2, result.output
     assert "error:" in result.output and "does not exist" in result.output
     assert "Traceback" not in result.output
+
+
+def test_pinned_loading_asks_torch_to_pin_and_yields_the_same_batches(synth_data: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pinning needs CUDA, which this machine lacks (torch then ignores it); the loader must still hand the
+    request to torch's DataLoader, with and without workers, and change nothing else."""
+    import sslcli.data.loader as loader_module
+
+    requested: list[bool] = []
+    real = loader_module.DataLoader
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        requested.append(kwargs["pin_memory"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loader_module, "DataLoader", spy)
+    source = resolve_source(synth_data, "test")
+    plain = indices(build_loader(source, to_tensor, batch_size=100, shuffle=True, seed=3))
+    assert requested == []  # no workers, no pinning: batches come straight from the stream
+    with pytest.warns(UserWarning, match="pin_memory"):
+        for workers in (0, 1):
+            pinned = build_loader(source, to_tensor, batch_size=100, shuffle=True, seed=3, num_workers=workers,
+                                  pin_memory=True)
+            assert indices(pinned) == plain
+    assert requested == [True, True]

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from sslcli.config import CropOptions, build_config
-from sslcli.engine.device import is_convolutional, memory_format_for
+from sslcli.engine.device import is_convolutional, laid_out_for, memory_format_for, weight_layout
 from sslcli.engine.guards import StepGuard
 from sslcli.engine.metrics import MetricsLog
 from sslcli.engine.optim import OptimConfig, apply_schedules, build_optimizer, fused_available, param_groups
@@ -137,6 +137,31 @@ def test_channels_last_is_chosen_for_convolutional_networks_on_a_gpu() -> None:
     assert memory_format_for(resnet, CPU) == torch.contiguous_format  # measured slower on the CPU
     assert is_convolutional(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1)))
     assert not is_convolutional(nn.Sequential(nn.Conv2d(3, 4, 4, stride=4), nn.Linear(4, 4)))
+
+
+
+def test_methods_that_build_their_own_inputs_follow_the_weights_layout() -> None:
+    """Rotation (and jigsaw, colourisation, ...) builds its backbone input from the views; it must hand it
+    over in whatever layout the engine gave the weights, not force one (NHWC is slower on the CPU)."""
+    colour = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3))  # the 1-channel conv fits both layouts
+    assert weight_layout(colour) == torch.contiguous_format
+    assert weight_layout(colour.to(memory_format=torch.channels_last)) == torch.channels_last
+    assert weight_layout(nn.Sequential(nn.Conv2d(3, 4, 4, stride=4))) == torch.contiguous_format  # patch embed
+    x = torch.randn(2, 3, 8, 8)
+    assert laid_out_for(x, colour).is_contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(0)
+    cfg = build_config("rotation", "small", {"arch": "resnet18"}, crops=CropOptions(global_size=16))
+    method = build_run_method(cfg).train()
+    views = [torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(3))]
+    seen: list[torch.Tensor] = []
+    method.backbone.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    losses = {}
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        torch.manual_seed(1)
+        losses[fmt] = copy.deepcopy(method).to(memory_format=fmt)(views, {}).loss
+        nhwc = seen[-1].is_contiguous(memory_format=torch.channels_last) and not seen[-1].is_contiguous()
+        assert nhwc == (fmt == torch.channels_last)
+    torch.testing.assert_close(losses[torch.channels_last], losses[torch.contiguous_format], rtol=1e-5, atol=1e-6)
 
 
 class Toy(Method):

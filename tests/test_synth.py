@@ -111,6 +111,35 @@ def test_samples_are_balanced_and_captioned(synth_data: Path) -> None:
     assert max(counts.values()) - min(counts.values()) <= 1
 
 
+
+def test_shape_size_draws_every_shape_in_that_size_and_leaves_the_default_alone(tmp_path: Path) -> None:
+    """``--shape-size large`` (for the patch pretexts): one large shape per image, covering much more of it."""
+    def coverage(shape_size: str | None) -> tuple[list[str], float]:
+        words, covered = [], []
+        for i in range(40):
+            image, _, caption, mask = synth.render_sample_with_mask(synth.sample_rng(0, "train", i), 64,
+                                                                    shape_size=shape_size)
+            words.append(caption.split()[:2])
+            covered.append(float((np.asarray(mask) > 127).mean()))
+        return [" ".join(w) for w in words], float(np.mean(covered))
+
+    large, large_cover = coverage("large")
+    small, small_cover = coverage("small")
+    default, default_cover = coverage(None)
+    assert set(large) == {"a large"} and {w.split()[1] for w in small} == {"small"}
+    assert {w.split()[0] for w in small} == {"a", "two", "three"}
+    assert len(set(default)) > 3  # the default still mixes counts and sizes
+    assert large_cover > 1.5 * default_cover and small_cover < default_cover
+    # The default draws are unchanged, so the embedded data stays byte-identical.
+    assert synth.render_sample(synth.sample_rng(0, "train", 3), 32)[2] == \
+        synth.render_sample_with_mask(synth.sample_rng(0, "train", 3), 32, shape_size=None)[2]
+    index = generate_synthetic(tmp_path / "large", train=4, test=2, size=16, shape_size="large")
+    assert index["shape_size"] == "large"
+    assert "shape_size" not in generate_synthetic(tmp_path / "any", train=4, test=2, size=16)
+    with pytest.raises(UserError, match="--shape-size must be one of small, medium, large"):
+        generate_synthetic(tmp_path / "x", shape_size="huge")
+
+
 def test_generation_validates_arguments(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="size"):
         generate_synthetic(tmp_path / "x", size=8)

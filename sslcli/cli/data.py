@@ -52,6 +52,10 @@ def synth(
                                                     "default 1000).", show_default=False)] = None,
     varied_captions: Annotated[bool, typer.Option(help="Captions name the shape always and its size, colour and "
                                                   "background each half the time (for CLIP); images unchanged.")] = False,
+    shape_size: Annotated[str | None, typer.Option(help="Draw every shape in this size: small, medium or large "
+                                                   "(large: one shape filling much of the image, for `jigsaw` "
+                                                   "and `relative-position`); default any.",
+                                                   show_default=False)] = None,
 ) -> None:
     """Generate the embedded labelled shapes dataset as WebDataset shards, plus classes.txt."""
     # None tells "not given" from the default, so --unseen without the flag is an error, not a no-op.
@@ -60,6 +64,7 @@ def synth(
     index = generate_synthetic(
         out, train=train, test=test, size=size, seed=seed, shard_size=shard_size, overwrite=overwrite,
         max_rotation=max_rotation, hold_out_pairs=hold_out_pairs, unseen=unseen_count, varied_captions=varied_captions,
+        shape_size=shape_size,
     )
     seconds = time.perf_counter() - start
     console = Console()

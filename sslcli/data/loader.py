@@ -198,10 +198,11 @@ class Loader:
     in the epoch being iterated and ``bad_names`` names the first few.
     """
 
-    def __init__(self, stream: _BatchStream, num_workers: int, prefetch: int) -> None:
+    def __init__(self, stream: _BatchStream, num_workers: int, prefetch: int, pin_memory: bool = False) -> None:
         self._stream = stream
         self.num_workers = num_workers
         self.prefetch = prefetch
+        self.pin_memory = pin_memory
         self.skipped = 0
         self.bad_names: list[str] = []
 
@@ -249,8 +250,11 @@ class Loader:
         self.bad_names = []
         # Worker roles are fixed by the whole epoch; fewer processes are started when fewer batches are left.
         workers = min(self.num_workers, len(self))
-        if workers > 0:
-            items: Any = DataLoader(self._stream, batch_size=None, num_workers=workers, prefetch_factor=self.prefetch)
+        if workers > 0 or self.pin_memory:
+            # Pinned (page-locked) batches let the loop's non_blocking copies overlap the GPU's work;
+            # torch pins them in a thread of its own, off the training step.
+            items: Any = DataLoader(self._stream, batch_size=None, num_workers=workers,
+                                    prefetch_factor=self.prefetch if workers else None, pin_memory=self.pin_memory)
         else:
             items = iter(self._stream)
         for item in items:
@@ -304,6 +308,7 @@ def build_loader(
     world_size: int = 1,
     start_batch: int = 0,
     options: StreamOptions | None = None,
+    pin_memory: bool = False,
 ) -> Loader:
     """A :class:`Loader` over ``source`` for one rank of ``world_size``.
 
@@ -312,7 +317,8 @@ def build_loader(
     with ``drop_last=False`` to see every sample once. ``start_batch`` resumes an epoch: the loader
     yields the epoch's batches from that index on, the same ones (samples and augmentation) the whole
     epoch yields there, without decoding the skipped samples. ``options`` chooses the split mode,
-    resampling, shuffle buffer and prefetch (:class:`StreamOptions`).
+    resampling, shuffle buffer and prefetch (:class:`StreamOptions`). ``pin_memory`` yields batches in
+    page-locked memory, for asynchronous copies to a GPU (needs CUDA: torch ignores it, with a warning, without).
     """
     options = options or StreamOptions()
     if num_workers < 0:
@@ -333,6 +339,6 @@ def build_loader(
     plan = Plan(source, mode, seed % 2**63, shuffle, options.shuffle_buffer, batch_size, quota, batches,
                 extra_fields)
     stream = _BatchStream(plan, transform, rank=rank, world_size=world_size, roles=roles)
-    loader = Loader(stream, num_workers, options.prefetch)
+    loader = Loader(stream, num_workers, options.prefetch, pin_memory)
     loader.set_epoch(epoch, start_batch)
     return loader

@@ -82,8 +82,8 @@ MAX_ROTATION = 180.0  # degrees either way: by default shapes have no upright or
 _SUPERSAMPLE = 4  # masks are drawn at 4x and box-filtered down for anti-aliased edges
 _POOL_THRESHOLD = 1000  # below this many samples, process start-up costs more than it saves
 _CHUNK = 250
-# (seed, split, start, stop, count, size, max_rotation, per-label colour rules, varied captions)
-_Task = tuple[int, str, int, int, int, int, float, tuple[ColourRule, ...] | None, bool]
+# (seed, split, start, stop, count, size, max_rotation, per-label colour rules, varied captions, shape size)
+_Task = tuple[int, str, int, int, int, int, float, tuple[ColourRule, ...] | None, bool, str | None]
 
 
 assert set(SHAPES) == set(CLASSES)
@@ -223,22 +223,25 @@ def _mask(rng: np.random.Generator, shape: str, count: int, size_word: str, size
 
 
 def render_sample(rng: np.random.Generator, size: int, label: int | None = None,
-                  max_rotation: float = MAX_ROTATION) -> tuple[Image.Image, int, str]:
+                  max_rotation: float = MAX_ROTATION, shape_size: str | None = None) -> tuple[Image.Image, int, str]:
     """Draws one image; returns (RGB image, class index into CLASSES, caption).
 
     ``label`` fixes the class (used for balanced splits); otherwise it is drawn from ``rng``.
     """
-    image, label, caption, _ = render_sample_with_mask(rng, size, label, max_rotation)
+    image, label, caption, _ = render_sample_with_mask(rng, size, label, max_rotation, shape_size=shape_size)
     return image, label, caption
 
 
 def render_sample_with_mask(
     rng: np.random.Generator, size: int, label: int | None = None, max_rotation: float = MAX_ROTATION,
     fg: str | None = None, avoid: str | None = None, captions: np.random.Generator | None = None,
+    shape_size: str | None = None,
 ) -> tuple[Image.Image, int, str, Image.Image]:
     """``render_sample`` plus the foreground segmentation: an 8-bit grey image of shape coverage.
     ``fg`` fixes the shape colour and ``avoid`` forbids one (held-out pairs, see ``synth_pairs``); with a
     ``captions`` generator the caption leaves out random details (``synth_pairs.varied_caption``).
+    ``shape_size`` (small, medium or large) fixes the size word, and draws the count among those that size
+    comes in (large shapes come alone).
 
     The mask is a second modality of the same scene (as depth or segmentation are for CMC on NYU):
     it shows where the shapes are, not which class they belong to, and it has no colour.
@@ -246,9 +249,14 @@ def render_sample_with_mask(
     if label is None:
         label = int(rng.integers(len(CLASSES)))
     shape = CLASSES[label]
-    count = int(rng.choice(3, p=_COUNT_PROBABILITIES)) + 1
-    sizes = _SIZES_FOR_COUNT[count]
-    size_word = sizes[int(rng.integers(len(sizes)))]
+    if shape_size is None:
+        count = int(rng.choice(3, p=_COUNT_PROBABILITIES)) + 1
+        sizes = _SIZES_FOR_COUNT[count]
+        size_word = sizes[int(rng.integers(len(sizes)))]
+    else:
+        counts = [n for n, sizes in _SIZES_FOR_COUNT.items() if shape_size in sizes]
+        weights = np.array([_COUNT_PROBABILITIES[n - 1] for n in counts])
+        count, size_word = int(rng.choice(counts, p=weights / weights.sum())), shape_size
     fg_name, bg_name = _pick_colours(rng, fg, avoid)
     background, pattern = _background(rng, size, _jittered(rng, bg_name))
     alpha = _mask(rng, shape, count, size_word, size, max_rotation)[..., None]
@@ -271,7 +279,7 @@ def _png(image: Image.Image) -> bytes:
 
 def _render_range(task: _Task) -> list[tuple[bytes, bytes, int, str]]:
     """Renders samples [start, stop) of a split as (image PNG, mask PNG, label, caption) (runs in pool workers)."""
-    seed, split, start, stop, count, size, max_rotation, rules, varied = task
+    seed, split, start, stop, count, size, max_rotation, rules, varied, shape_size = task
     labels = split_labels(seed, split, count)
     rendered = []
     for index in range(start, stop):
@@ -279,7 +287,8 @@ def _render_range(task: _Task) -> list[tuple[bytes, bytes, int, str]]:
         image, label, caption, mask = render_sample_with_mask(sample_rng(seed, split, index), size,
                                                               label=int(labels[index]), max_rotation=max_rotation,
                                                               fg=fg, avoid=avoid,
-                                                              captions=caption_rng(seed, split, index) if varied else None)
+                                                              captions=caption_rng(seed, split, index) if varied else None,
+                                                              shape_size=shape_size)
         rendered.append((_png(image), _png(mask), label, caption))
     return rendered
 
@@ -305,6 +314,7 @@ def generate_synthetic(
     hold_out_pairs: bool = False,
     unseen: int = 1000,
     varied_captions: bool = False,
+    shape_size: str | None = None,
 ) -> dict:
     """Writes the synthetic dataset as ``train-*.tar``, ``test-*.tar``, ``index.json`` and ``classes.txt``.
 
@@ -312,7 +322,9 @@ def generate_synthetic(
     ``max_rotation`` below 180 degrees gives the shapes an upright orientation (a rotation-prediction
     pretext has nothing to predict on the default data). ``hold_out_pairs`` keeps one colour per class out of
     train and test and writes ``unseen`` images of just those pairs (index key ``held_out_pairs``);
-    ``varied_captions`` drops random details from the captions (the images stay the same). Returns the index.
+    ``varied_captions`` drops random details from the captions (the images stay the same). ``shape_size``
+    draws every shape in one size (large: one shape that fills much of the image, for the patch pretexts,
+    whose tiles are otherwise mostly background). Returns the index.
     """
     for name, value in (("train", train), ("test", test)):
         if value < 1:
@@ -325,6 +337,8 @@ def generate_synthetic(
         raise UserError(f"--seed must be non-negative, got {seed}")
     if not 0 <= max_rotation <= 180:
         raise UserError(f"--max-rotation must be between 0 and 180 degrees, got {max_rotation}")
+    if shape_size is not None and shape_size not in _RADIUS:
+        raise UserError(f"--shape-size must be one of {', '.join(_RADIUS)}, got '{shape_size}'")
     pairs, extra_splits = hold_out_plan(hold_out_pairs, unseen, seed, CLASSES, _COLOUR_NAMES)
     out_dir = Path(out_dir)
     counts = {"train": train, "test": test, **extra_splits}
@@ -333,7 +347,8 @@ def generate_synthetic(
 
     rules = {split: colour_rules(pairs, CLASSES, split) for split in counts}
     tasks = {
-        split: [(seed, split, start, min(start + _CHUNK, n), n, size, max_rotation, rules[split], varied_captions)
+        split: [(seed, split, start, min(start + _CHUNK, n), n, size, max_rotation, rules[split], varied_captions,
+                 shape_size)
                 for start in range(0, n, _CHUNK)]
         for split, n in counts.items()
     }
@@ -357,4 +372,5 @@ def generate_synthetic(
     write_classes(out_dir, CLASSES)
     return write_index(out_dir, classes=list(CLASSES), splits=splits, image_size=size, source="synth", seed=seed,
                        max_rotation=max_rotation, **({"held_out_pairs": pairs} if pairs else {}),
-                       **({"varied_captions": True} if varied_captions else {}))
+                       **({"varied_captions": True} if varied_captions else {}),
+                       **({"shape_size": shape_size} if shape_size else {}))

@@ -37,3 +37,21 @@ def memory_format_for(module: nn.Module, device: torch.device) -> torch.memory_f
     if device.type == "cuda" and is_convolutional(module):
         return torch.channels_last
     return torch.contiguous_format
+
+
+def weight_layout(module: nn.Module) -> torch.memory_format:
+    """The layout the engine gave ``module``'s weights (``memory_format_for``), read back from its spatial
+    convolutions: the first one whose weight tells NCHW from NHWC apart (one input channel, as in a
+    colourisation net's first conv, fits both).  NCHW when there is none, as for a ViT."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d) and tuple(m.kernel_size) != tuple(m.stride):
+            nchw, nhwc = m.weight.is_contiguous(), m.weight.is_contiguous(memory_format=torch.channels_last)
+            if nchw != nhwc:
+                return torch.channels_last if nhwc else torch.contiguous_format
+    return torch.contiguous_format
+
+
+def laid_out_for(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """``x`` in ``module``'s weight layout: for methods that build their own inputs from the views (tiles,
+    rotations, Lab channels), which the loop could not lay out for them."""
+    return x.contiguous(memory_format=weight_layout(module))

@@ -197,7 +197,7 @@ def train_classifier(model: Classifier, source: DataSource, settings: TrainSetti
         for epoch in range(settings.epochs):
             loader = build_loader(source, transform, batch_size=local_batch, shuffle=True, seed=settings.seed,
                                   epoch=epoch, num_workers=settings.num_workers, drop_last=True, rank=rank,
-                                  world_size=world)
+                                  world_size=world, pin_memory=device.type == "cuda")
             model.train()
             total = torch.zeros((), device=device)
             for i, batch in enumerate(loader):

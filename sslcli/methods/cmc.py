@@ -35,6 +35,7 @@ from torch import nn
 from sslcli import distributed as dist
 from sslcli.augment import AugmentConfig
 from sslcli.colorspace import LAB_MEAN, LAB_STD, normalised_rgb_to_lab
+from sslcli.engine.device import laid_out_for
 from sslcli.engine.memory_bank import MemoryBank
 from sslcli.engine.view_graph import GRAPHS, directions, pairwise_edges
 from sslcli.errors import UserError
@@ -107,7 +108,7 @@ class CMC(Method):
         """The encoders' inputs: L, ab (from ``views[0]``) and the extra fields (``views[1:]``, same crop)."""
         if len(views) != 1 + len(self.extra):
             raise ValueError(f"cmc expects the image view plus {len(self.extra)} extra view(s), got {len(views)} views")
-        lab = self.lab(views[0]).contiguous(memory_format=torch.channels_last)
+        lab = laid_out_for(self.lab(views[0]), self.backbone)
         return [lab[:, :1], lab[:, 1:], *views[1:]]
 
     def embed(self, views: list[torch.Tensor]) -> list[torch.Tensor]:

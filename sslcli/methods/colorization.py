@@ -22,6 +22,7 @@ from torch import nn
 from sslcli import distributed as dist
 from sslcli.augment import AugmentConfig
 from sslcli.colorspace import LAB_MEAN, LAB_STD, normalised_rgb_to_lab
+from sslcli.engine.device import laid_out_for
 from sslcli.losses.colorization import ab_bins, colorization_loss, rebalance_weights, soft_encode
 from sslcli.methods.base import Method, StepOutput, register_method
 from sslcli.models.encoders import Encoder
@@ -87,7 +88,7 @@ class Colorization(Method):
         lab = self.lab(views[0])
         lightness = (lab[:, :1] - LAB_MEAN[0]) / LAB_STD[0]
         targets = soft_encode(F.avg_pool2d(lab[:, 1:], self.target_stride), self.bins, self.neighbours, self.sigma)
-        features = dense_grid(self.backbone, lightness.contiguous(memory_format=torch.channels_last))
+        features = dense_grid(self.backbone, laid_out_for(lightness, self.backbone))
         logits = F.interpolate(self.head(features), size=targets.shape[-2:], mode="bilinear", align_corners=False)
         with torch.no_grad():
             accuracy = (logits.argmax(1) == targets.argmax(1)).float().mean()

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from sslcli import distributed as dist
+from sslcli.engine.device import laid_out_for
 from sslcli.engine.patches import DIRECTIONS, augment_patches, extract_patches, orient
 from sslcli.errors import UserError
 from sslcli.losses import collapse_std
@@ -61,7 +62,7 @@ class CPC(Method):
         x = views[0]
         b, g, p = x.shape[0], self.grid, self.patch_size
         patches = extract_patches(x, g, p).reshape(b * g * g, x.shape[1], p, p)
-        patches = augment_patches(patches, **self.patch_aug).contiguous(memory_format=torch.channels_last)
+        patches = laid_out_for(augment_patches(patches, **self.patch_aug), self.backbone)
         h = self.backbone(patches)  # [B G G, D]
         z = h.view(b, g, g, -1).permute(0, 3, 1, 2)  # [B, D, G, G]
         loss = h.new_zeros((), dtype=torch.float32)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from sslcli.augment import AugmentConfig
+from sslcli.engine.device import laid_out_for
 from sslcli.errors import UserError
 from sslcli.methods.base import Method, StepOutput, register_method
 from sslcli.models.encoders import Encoder
@@ -101,7 +102,7 @@ class Inpainting(Method):
 
     def forward(self, views: list[torch.Tensor], batch: dict[str, Any]) -> StepOutput:
         context, weights = self.drop(views[0])
-        features = self.backbone(context.contiguous(memory_format=torch.channels_last))
+        features = self.backbone(laid_out_for(context, self.backbone))
         filled = self.decoder(features)
         loss = (weights * (filled.float() - views[0].float()).pow(2)).sum() / (weights.sum() * views[0].shape[1])
         return StepOutput(loss, {"hole_fraction": (weights > 0).float().mean()}, embedding=features)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from sslcli.engine.device import laid_out_for
 from sslcli.engine.patches import extract_patches, random_crops
 from sslcli.errors import UserError
 from sslcli.methods.base import Method, StepOutput, register_method
@@ -80,7 +81,7 @@ class Jigsaw(Method):
     def forward(self, views: list[torch.Tensor], batch: dict[str, Any]) -> StepOutput:
         tiles, labels = self.puzzle(views[0])
         b = tiles.shape[0]
-        features = self.backbone(tiles.flatten(0, 1).contiguous(memory_format=torch.channels_last))
+        features = self.backbone(laid_out_for(tiles.flatten(0, 1), self.backbone))
         logits = self.classifier(self.fc6(features).reshape(b, -1))
         accuracy = (logits.detach().argmax(1) == labels).float().mean()
         return StepOutput(F.cross_entropy(logits.float(), labels), {"puzzle_acc": accuracy},

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from sslcli.engine.device import laid_out_for
 from sslcli.engine.patches import augment_patches, extract_patches, random_crops
 from sslcli.methods.base import Method, StepOutput, register_method
 from sslcli.models.encoders import Encoder
@@ -46,7 +47,7 @@ class RelativePosition(Method):
     def forward(self, views: list[torch.Tensor], batch: dict[str, Any]) -> StepOutput:
         patches = self.patches(views[0])
         b = patches.shape[0]
-        features = self.backbone(patches.flatten(0, 1).contiguous(memory_format=torch.channels_last))
+        features = self.backbone(laid_out_for(patches.flatten(0, 1), self.backbone))
         h = self.fc6(features).reshape(b, 9, -1)
         neighbours = h[:, list(NEIGHBOURS)]  # [B, 8, fc6]
         pairs = torch.cat([h[:, 4:5].expand_as(neighbours), neighbours], dim=2).flatten(0, 1)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from sslcli.engine.device import laid_out_for
 from sslcli.errors import UserError
 from sslcli.methods.base import Method, StepOutput, register_method
 from sslcli.models.encoders import Encoder
@@ -47,7 +48,7 @@ class Rotation(Method):
 
     def forward(self, views: list[torch.Tensor], batch: dict[str, Any]) -> StepOutput:
         rotated, labels = rotations(views[0])
-        features = self.backbone(rotated.contiguous(memory_format=torch.channels_last))
+        features = self.backbone(laid_out_for(rotated, self.backbone))
         logits = self.classifier(features)
         accuracy = (logits.detach().argmax(1) == labels).float().mean()
         return StepOutput(F.cross_entropy(logits.float(), labels), {"rotation_acc": accuracy},
