@@ -12,6 +12,11 @@ the model step alone, end to end; peak memory, model FLOPs per step and, on a GP
 - *end to end*: the loader feeding that step; the time blocked on the next batch is reported as the
   share spent waiting for data, the rest (transfer and step) as the model's share.
 
+``--augment-on device`` runs the data and end-to-end phases as ``sslcli pretrain --augment-on device`` does
+(sslcli/training_views.py): the workers only decode, and each step first augments its batch on the device.
+The data phase is then the workers' decoding alone; end to end, ``views_fraction`` is the part of the
+model's share spent making the views (host time: on a GPU, launching the augmentation's kernels).
+
 An image counts once whatever its number of views. Model FLOPs: benchmarks/flops.py. Peak memory:
 benchmarks/machine.py. The JSON holds the machine, the exact config and every figure;
 ``python -m benchmarks.throughput_report FILES`` tabulates several.
@@ -37,6 +42,7 @@ from benchmarks.machine import PeakMemory, describe
 from benchmarks.pipeline import endless_batches, pretrain_loader, time_pipeline
 from benchmarks.throughput_report import summary
 from sslcli.augment import MultiView, eval_transform
+from sslcli.data.loader import DecodeOnly, Transform
 from sslcli.config import CropOptions, PretrainConfig, build_config, to_dict
 from sslcli.data.reader import DataSource, epoch_batches, resolve_source
 from sslcli.engine.device import memory_format_for, resolve_device
@@ -47,6 +53,7 @@ from sslcli.engine.step import forward_backward, guarded_update
 from sslcli.evaluation.features import extract_features
 from sslcli.methods.base import Method, build_method
 from sslcli.runs import run_encoder
+from sslcli.training_views import ViewMaker, training_views
 
 MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 
@@ -157,24 +164,32 @@ def time_model_step(bench: Bench, views: list[torch.Tensor], batch: dict[str, An
             "cpu_ms_per_step": round(1000 * cpu_seconds / steps, 1), "steps": steps, "memory": memory.result}
 
 
-def time_end_to_end(bench: Bench, views: MultiView, workers: int, steps: int, warmup: int) -> dict[str, Any]:
+def time_end_to_end(bench: Bench, views: Transform | DecodeOnly, workers: int, steps: int, warmup: int,
+                    make_views: ViewMaker | None = None) -> dict[str, Any]:
+    """The loader (``views``: its transform) feeding the step; ``make_views`` as the loop's hook (None: move the
+    loader's ``batch["views"]``)."""
     batches: Iterator[dict[str, Any]] = endless_batches(bench.cfg, bench.source, views, workers)
-    waited = stepped = 0.0
+    waited = made = stepped = 0.0
     with PeakMemory(bench.device) as memory:
         for i in range(warmup + steps):
             tick = time.perf_counter()
             batch = next(batches)
             got = time.perf_counter()
-            bench.step(bench.to_device(batch["views"]), batch, i)
+            step_views = make_views(batch) if make_views else bench.to_device(batch["views"])
+            ready = time.perf_counter()
+            bench.step(step_views, batch, i)
             if i == warmup + steps - 1:
                 bench.sync()  # elsewhere the guard's per-step read of its flags waits for the device
             if i >= warmup:
-                waited, stepped = waited + got - tick, stepped + time.perf_counter() - got
+                waited, made, stepped = waited + got - tick, made + ready - got, stepped + time.perf_counter() - got
     batches.close()
     total = waited + stepped
-    return {"workers": workers, "img_per_s": round(steps * bench.cfg.batch_size / total, 1),
-            "data_wait_fraction": round(waited / total, 3), "model_fraction": round(stepped / total, 3),
-            "steps": steps, "memory": memory.result}
+    result = {"workers": workers, "img_per_s": round(steps * bench.cfg.batch_size / total, 1),
+              "data_wait_fraction": round(waited / total, 3), "model_fraction": round(stepped / total, 3),
+              "steps": steps, "memory": memory.result}
+    if make_views is not None:
+        result["views_fraction"] = round(made / total, 3)  # within model_fraction
+    return result
 
 
 def flops_and_peaks(bench: Bench, views: list[torch.Tensor], batch: dict[str, Any]) -> dict[str, Any]:
@@ -226,6 +241,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--global-size", type=int, help="global crop side (pretrain --global-size)")
     p.add_argument("--local-size", type=int, help="local crop side (pretrain --local-size)")
     p.add_argument("--set", dest="sets", action="append", default=[], help="config override, as pretrain --set")
+    p.add_argument("--augment-on", choices=["workers", "device"],
+                   help="where views are augmented, as pretrain --augment-on (default: the recipe's, workers)")
     p.add_argument("--workers", type=_ints, default=[0, 1, 2], help="data-pipeline worker counts, e.g. 0,1,2")
     p.add_argument("--e2e-workers", type=_ints, help="worker counts of the end-to-end runs (default: the recipe's)")
     p.add_argument("--phases", default="data,model,e2e,flops", help="a subset of data,model,e2e,flops")
@@ -240,7 +257,7 @@ def build_from_args(args: argparse.Namespace, tmp: Path) -> Bench:
     if args.threads:
         torch.set_num_threads(args.threads)
     options = {"data": args.data, "arch": args.arch, "batch_size": args.batch_size, "precision": args.precision,
-               "compile": args.compile or None}
+               "compile": args.compile or None, "augment_on": args.augment_on}
     sets = list(args.sets)
     if args.method == "beit" and not any(s.startswith("method_args.tokenizer=") for s in sets):
         sets.append(f"method_args.tokenizer={small_tokenizer(tmp)}")
@@ -259,11 +276,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result: dict[str, Any] = {"command": " ".join(["python -m benchmarks.throughput", *(argv or sys.argv[1:])]),
                                   "machine": describe(device)}
         views = MultiView(cfg.augment, bench.method.extra_fields())
-        fake_views, meta = synthetic_batch(bench, views)
+        fake_views, meta = synthetic_batch(bench, views)  # MultiView's shapes: the device path's too
+        transform, make_views = training_views(cfg.augment_on, cfg.augment, bench.method, device)
         result["setup"] = {
             "method": cfg.method, "recipe": args.recipe,
             "arch": cfg.arch if bench.method.backbone is not None else None,
             "batch_size": cfg.batch_size, "views": [list(v.shape[1:]) for v in fake_views],
+            "augment_on": cfg.augment_on,
             "precision": str(bench.amp_dtype or torch.float32).removeprefix("torch."), "compile": cfg.compile,
             "memory_format": "channels_last" if bench.memory_format == torch.channels_last else "contiguous",
             "optimizer": type(bench.optimizer).__name__,
@@ -273,12 +292,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if "flops" in phases:
             result["flops"] = flops_and_peaks(bench, fake_views, meta)
         if "data" in phases:
-            result["data_pipeline"] = [time_pipeline(cfg, bench.source, views, w, args.steps, args.warmup)
+            result["data_pipeline"] = [time_pipeline(cfg, bench.source, transform, w, args.steps, args.warmup)
                                        for w in args.workers]
         if "model" in phases:
             result["model_step"] = time_model_step(bench, fake_views, meta, args.steps, args.warmup)
         if "e2e" in phases:
-            result["end_to_end"] = [time_end_to_end(bench, views, w, args.steps, args.warmup)
+            result["end_to_end"] = [time_end_to_end(bench, transform, w, args.steps, args.warmup, make_views)
                                     for w in args.e2e_workers or [cfg.num_workers]]
         rates(result, bench)
     result["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]

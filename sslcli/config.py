@@ -35,6 +35,7 @@ class PretrainConfig:
     data: str | None = None
     seed: int = 0
     num_workers: int = 2
+    augment_on: Literal["workers", "device"] = "workers"  # device: batched on the training device (training_views.py)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     sync_bn: bool = True
     freeze_patch_embed: bool = False  # MoCo v3's random, frozen ViT patch projection

@@ -23,7 +23,7 @@ import yaml
 
 from sslcli import distributed as dist
 from sslcli.atomic import atomic_path
-from sslcli.augment import MultiView, eval_transform
+from sslcli.augment import eval_transform
 from sslcli.config import PretrainConfig, to_dict
 from sslcli.data.captions import iter_captions
 from sslcli.data.reader import build_loader, epoch_batches, resolve_source
@@ -41,6 +41,7 @@ from sslcli.export import encoder_metadata, save_encoder
 from sslcli.methods.base import build_method
 from sslcli.run_lock import run_lock
 from sslcli.runs import run_encoder
+from sslcli.training_views import training_views
 
 STATUS_FILE = "run.json"
 # True: continue from the newest checkpoint, which must exist; "auto": continue if there is one.
@@ -133,6 +134,7 @@ def _pretrain(cfg: PretrainConfig, out: Path, dev: torch.device, *, resume: Resu
     method = build_method(cfg.method, encoder, cfg.method_args, num_samples=source.num_samples, augment=cfg.augment,
                           epochs=cfg.epochs, captions=lambda: iter_captions(source))
     method = method.to(dev, memory_format=memory_format_for(method, dev))  # the loop lays out the views alike
+    views, make_views = training_views(cfg.augment_on, cfg.augment, method, dev)  # refuses before writing files
     if cfg.sync_bn and dev.type == "cuda":  # SyncBN's kernels exist for CUDA only
         method = dist.convert_sync_batchnorm(method)
     model = dist.wrap_ddp(method, dev)
@@ -165,14 +167,13 @@ def _pretrain(cfg: PretrainConfig, out: Path, dev: torch.device, *, resume: Resu
 
     info(f"[bold]{cfg.method}[/] on {cfg.arch if encoder is not None else 'its own networks'} | {source.num_samples} "
          f"images from {cfg.data} | device {dev} x{world} | precision {amp_dtype or torch.float32}"
-         f"{' | compiled' if cfg.compile else ''}")
+         f"{' | compiled' if cfg.compile else ''}{' | views augmented on the device' if make_views else ''}")
     info(f"  lr: base {cfg.optim.lr:.3g} per 256 x global batch {cfg.batch_size} ({world} process(es) x {local_batch}"
          f"{f' in {cfg.accum_steps} micro-batches' if cfg.accum_steps > 1 else ''}) -> {base_lr:.3g} "
          f"({cfg.optim.lr_scaling} scaling)")
     for key, value in method.describe().items():
         info(f"  {key}: {value}")
 
-    views = MultiView(cfg.augment, method.extra_fields())
     meta = dict(method=cfg.method, image_size=cfg.augment.eval_size, mean=cfg.augment.mean, std=cfg.augment.std,
                 eval_crop_pct=str(cfg.augment.eval_crop_pct))
     meta.update(method.export_metadata())
@@ -201,7 +202,8 @@ def _pretrain(cfg: PretrainConfig, out: Path, dev: torch.device, *, resume: Resu
 
     settings = LoopSettings(epochs=cfg.epochs, optim=cfg.optim, base_lr=base_lr, device=dev, amp_dtype=amp_dtype,
                             log_every=cfg.log_every, accum_steps=cfg.accum_steps, checkpoint_every=cfg.checkpoint_every,
-                            max_bad_steps=cfg.max_bad_steps, max_bad_fraction=cfg.max_bad_fraction)
+                            max_bad_steps=cfg.max_bad_steps, max_bad_fraction=cfg.max_bad_fraction,
+                            make_views=make_views)
     try:
         train(model, method, optimizer, scaler, loader_for_epoch, steps_per_epoch, settings,
               MetricsLog(out / "metrics.jsonl"), checkpoints, on_epoch_end, loop)

@@ -21,7 +21,7 @@ END = "<!-- end of catalogue -->"
 SECTIONS: list[tuple[str, tuple[str, ...]]] = [
     ("`sslcli pretrain`: config, recipes, methods and training",
      ("cli/pretrain.py", "config", "pretrain.py", "methods/", "engine/", "models/", "losses/", "augment.py",
-      "colorspace.py", "distributed.py")),
+      "colorspace.py", "distributed.py", "training_views.py")),
     ("`sslcli data` and every `--data` / image argument", ("cli/data.py", "data/")),
     ("`sslcli knn`, `linear-probe`, `embed`: encoders, features and probes",
      ("cli/evaluate.py", "cli/embed.py", "evaluation/features.py", "evaluation/feature_cache.py",

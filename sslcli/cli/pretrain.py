@@ -23,6 +23,9 @@ def pretrain_command(
     out: Annotated[Path, typer.Option(help="Run directory.")] = Path("runs/pretrain"),
     device: Device = "auto",
     num_workers: Annotated[int | None, typer.Option("--num-workers", help="Data-loading worker processes per rank.")] = None,
+    augment_on: Annotated[str | None, typer.Option("--augment-on", help="Where views are augmented: 'workers' (per "
+                                                   "image, in the loader's processes) or 'device' (per batch, on the "
+                                                   "training device).")] = None,
     freeze_patch_embed: Annotated[bool | None, typer.Option("--freeze-patch-embed", help="Keep a ViT's random patch projection frozen (MoCo v3).")] = None,
     global_crops: Annotated[int | None, typer.Option("--global-crops", help="Number of global crops (the first view group).")] = None,
     local_crops: Annotated[int | None, typer.Option("--local-crops", help="Number of local crops (multi-crop); 0 drops them.")] = None,
@@ -67,11 +70,11 @@ def pretrain_command(
         raise UserError(f"unexpected argument '{resume_mode}'; the only word after the method is 'auto', as in "
                         "--resume auto")
     options = {"data": data, "arch": arch, "epochs": epochs, "batch_size": batch_size, "optim.lr": lr,
-               "num_workers": num_workers, "freeze_patch_embed": freeze_patch_embed, "precision": precision,
-               "compile": compile_, "accum_steps": accum_steps, "checkpoint_every": checkpoint_every,
-               "max_bad_fraction": max_bad_fraction, "loader.split_by": split_by, "loader.resampled": resampled,
-               "loader.epoch_samples": epoch_samples, "loader.shuffle_buffer": shuffle_buffer,
-               "loader.prefetch": prefetch}
+               "num_workers": num_workers, "augment_on": augment_on, "freeze_patch_embed": freeze_patch_embed,
+               "precision": precision, "compile": compile_, "accum_steps": accum_steps,
+               "checkpoint_every": checkpoint_every, "max_bad_fraction": max_bad_fraction, "loader.split_by": split_by,
+               "loader.resampled": resampled, "loader.epoch_samples": epoch_samples,
+               "loader.shuffle_buffer": shuffle_buffer, "loader.prefetch": prefetch}
     crops = CropOptions(global_crops, local_crops, global_size, local_size, global_scale, local_scale)
     cfg = build_config(method, recipe, options, set_, crops)
     try:

@@ -10,6 +10,8 @@ counts the replaced ones and the loader logs the first few names each epoch.
 
 Random augmentation is seeded per sample from ``(seed, epoch, rank, batch, slot)``, whatever process runs
 it, so a batch is the same with any worker count and when a resumed epoch starts at ``start_batch``.
+A transform that augments whole batches after the loader (:class:`DecodeOnly`) gets one seed per batch
+from ``(seed, epoch, rank, batch)`` instead, for the same reason.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -38,6 +40,16 @@ logger = logging.getLogger(__name__)
 SHUFFLE_BUFFER = 2000
 Transform = Callable[[Image.Image], "torch.Tensor | list[torch.Tensor]"]
 _REPORTED_NAMES = 5
+
+
+class DecodeOnly(Protocol):
+    """A transform whose augmentation runs per batch after the loader, on the training device (``--augment-on
+    device``, :mod:`sslcli.training_views`).  The workers call ``decode(data)`` on each sample's image bytes
+    instead of :func:`decode_rgb` (None marks a bad sample, replaced as any other) and keep what it returns
+    as the list ``batch["images"]`` (its sizes may differ: no stacking); ``batch["seed"]`` is the batch's
+    seed of ``(seed, epoch, rank, batch)`` for the augmentation that follows."""
+
+    def decode(self, data: bytes) -> torch.Tensor | None: ...
 
 
 @dataclass
@@ -78,11 +90,14 @@ class _Failure:
     message: str
 
 
-def _collate(outputs: list[Any], records: list[Record]) -> dict[str, Any]:
-    """Stacks transform outputs (one tensor, or one tensor per view) and the metadata."""
+def _collate(outputs: list[Any], records: list[Record], seed: int | None = None) -> dict[str, Any]:
+    """Stacks transform outputs (one tensor, or one tensor per view) and the metadata; with ``seed``, a
+    :class:`DecodeOnly` transform's outputs, keeps the images as a list."""
     first = outputs[0]
-    if isinstance(first, torch.Tensor):
-        batch: dict[str, Any] = {"image": torch.stack(outputs)}
+    if seed is not None:
+        batch: dict[str, Any] = {"images": outputs, "seed": seed}
+    elif isinstance(first, torch.Tensor):
+        batch = {"image": torch.stack(outputs)}
     elif isinstance(first, (list, tuple)):
         batch = {"views": [torch.stack([views[v] for views in outputs]) for v in range(len(first))]}
     else:
@@ -96,9 +111,11 @@ def _collate(outputs: list[Any], records: list[Record]) -> dict[str, Any]:
 class _BatchStream(IterableDataset):
     """Yields ``(batch, bad_origins)`` for this rank and worker, or a :class:`_Failure`."""
 
-    def __init__(self, plan: Plan, transform: Transform, *, rank: int, world_size: int, roles: int) -> None:
+    def __init__(self, plan: Plan, transform: Transform | DecodeOnly, *, rank: int, world_size: int,
+                 roles: int) -> None:
         self.plan = plan
         self.transform = transform
+        self.decode_only: Callable[[bytes], torch.Tensor | None] | None = getattr(transform, "decode", None)
         self.rank = rank
         self.world_size = world_size
         self.roles = roles  # the rank's consumers: its worker count, or 1 (see sslcli.data.streams)
@@ -108,11 +125,12 @@ class _BatchStream(IterableDataset):
         """The transform's inputs: ``(RGB image,)`` or ``(RGB image, extras)``; None for a bad sample."""
         if record.image is None:
             return None
+        decode = self.decode_only or decode_rgb
         if isinstance(record.image, bytes):
-            image = decode_rgb(record.image)
+            image = decode(record.image)
         else:
             try:
-                image = decode_rgb(Path(record.image).read_bytes())
+                image = decode(Path(record.image).read_bytes())
             except OSError:  # a file deleted or unreadable since listing counts as undecodable
                 image = None
         if image is None or not self.plan.extra_fields:
@@ -126,8 +144,12 @@ class _BatchStream(IterableDataset):
         return image, extras
 
     def _transformed(self, batch: int, inputs: list[tuple[Any, ...]], records: list[Record]) -> dict[str, Any]:
-        """Applies the transform with each slot's own seed; the caller's random state is left as it was."""
+        """Applies the transform with each slot's own seed; the caller's random state is left as it was.
+        A :class:`DecodeOnly` transform's images (decoded in :meth:`_load`) are collated with one batch seed."""
         seeds = np.random.SeedSequence([self.plan.seed, self.plan.epoch, self.rank, batch])
+        if self.decode_only is not None:  # a child sequence: a stream apart from the per-sample seeds'
+            seed = int(seeds.spawn(1)[0].generate_state(1, np.uint64)[0])
+            return _collate([args[0] for args in inputs], records, seed)
         torch_state, python_state = torch.random.get_rng_state(), random.getstate()
         try:
             outputs = []
@@ -191,7 +213,8 @@ class _BatchStream(IterableDataset):
 
 
 class Loader:
-    """Iterable over batch dicts (``image`` or ``views``, ``label``, ``index``, ``text``, ``bad_samples``).
+    """Iterable over batch dicts (``image``, ``views`` or ``images`` and ``seed``; ``label``, ``index``, ``text``,
+    ``bad_samples``).
 
     ``len(loader)`` is the exact number of batches this iteration yields, the same on every rank. Call
     :meth:`set_epoch` before each epoch to change the shuffle; ``skipped`` counts the bad samples replaced
@@ -296,7 +319,7 @@ def epoch_batches(source: DataSource, *, batch_size: int, world_size: int = 1, d
 
 def build_loader(
     source: DataSource,
-    transform: Transform,
+    transform: Transform | DecodeOnly,
     *,
     batch_size: int,
     shuffle: bool,
@@ -319,6 +342,7 @@ def build_loader(
     epoch yields there, without decoding the skipped samples. ``options`` chooses the split mode,
     resampling, shuffle buffer and prefetch (:class:`StreamOptions`). ``pin_memory`` yields batches in
     page-locked memory, for asynchronous copies to a GPU (needs CUDA: torch ignores it, with a warning, without).
+    A :class:`DecodeOnly` ``transform`` only decodes: its batches hold ``images`` and ``seed``, not ``views``.
     """
     options = options or StreamOptions()
     if num_workers < 0:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -37,6 +39,12 @@ def memory_format_for(module: nn.Module, device: torch.device) -> torch.memory_f
     if device.type == "cuda" and is_convolutional(module):
         return torch.channels_last
     return torch.contiguous_format
+
+
+def loader_views(batch: dict[str, Any], device: torch.device, layout: torch.memory_format) -> list[torch.Tensor]:
+    """The loader's ``batch["views"]`` on ``device`` in ``layout``: what the training loop trains on unless its
+    ``make_views`` hook makes the views itself (``--augment-on device``, :mod:`sslcli.training_views`)."""
+    return [v.to(device, non_blocking=True, memory_format=layout) for v in batch["views"]]
 
 
 def weight_layout(module: nn.Module) -> torch.memory_format:

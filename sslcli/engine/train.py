@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -12,7 +13,7 @@ from torch import nn
 
 from sslcli import distributed as dist
 from sslcli.engine import rng
-from sslcli.engine.device import memory_format_for
+from sslcli.engine.device import loader_views, memory_format_for
 from sslcli.engine.guards import BadSampleBudget, StepGuard
 from sslcli.engine.metrics import CollapseMonitor, MetricsLog, TrainProgress
 from sslcli.engine.optim import OptimConfig, apply_schedules
@@ -34,6 +35,8 @@ class LoopSettings:
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0: epoch ends only
     max_bad_steps: int = 20
     max_bad_fraction: float = 0.1
+    # batch -> the step's views on the device; None: the loader's batch["views"], moved (engine/device.py)
+    make_views: Callable[[dict[str, Any]], list[torch.Tensor]] | None = None
 
 
 def train(model: nn.Module, method: Method, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
@@ -53,6 +56,7 @@ def train(model: nn.Module, method: Method, optimizer: torch.optim.Optimizer, sc
     monitor, guard = CollapseMonitor(), StepGuard(settings.max_bad_steps, loop.bad_steps_in_row)
     data = BadSampleBudget(settings.max_bad_fraction, settings.device, loop.bad_samples, loop.samples)
     layout = memory_format_for(method, settings.device)  # the views', as pretrain lays out the weights
+    make_views = settings.make_views or partial(loader_views, device=settings.device, layout=layout)
 
     def save() -> str:
         data.sync()
@@ -71,7 +75,7 @@ def train(model: nn.Module, method: Method, optimizer: torch.optim.Optimizer, sc
                 step = loop.epoch * steps_per_epoch + i  # optimiser steps before this one
                 lr, wd = apply_schedules(optimizer, settings.optim, settings.base_lr, loop.epoch + i / steps_per_epoch,
                                          settings.epochs)
-                views = [v.to(settings.device, non_blocking=True, memory_format=layout) for v in batch["views"]]
+                views = make_views(batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss, out = forward_backward(model, views, batch, scaler, settings.device, settings.amp_dtype,
                                              settings.accum_steps)
