@@ -226,7 +226,7 @@ def _ints(text: str) -> list[int]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", required=True, help="a method or a recipe that names one (seer)")
-    p.add_argument("--recipe", default="small")
+    p.add_argument("--recipe", default="small", help="a variant, a YAML file, or 'paper' (the paper's defaults)")
     p.add_argument("--data", required=True)
     p.add_argument("--arch")
     p.add_argument("--batch-size", type=int)
@@ -261,7 +261,8 @@ def build_from_args(args: argparse.Namespace, tmp: Path) -> Bench:
     sets = list(args.sets)
     if args.method == "beit" and not any(s.startswith("method_args.tokenizer=") for s in sets):
         sets.append(f"method_args.tokenizer={small_tokenizer(tmp)}")
-    cfg = build_config(args.method, args.recipe, options, sets,
+    recipe = None if args.recipe == "paper" else args.recipe  # the recipe file's own (paper) defaults
+    cfg = build_config(args.method, recipe, options, sets,
                        CropOptions(global_size=args.global_size, local_size=args.local_size))
     fused = {"auto": None, "fused": True, "unfused": False}[args.optimizer_impl]
     return build(cfg, resolve_device(args.device), args.memory_format, fused)
