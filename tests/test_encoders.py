@@ -64,3 +64,26 @@ def test_resnets_zero_init_each_residual_blocks_last_bn() -> None:
     last_bns = [m.bn2 for m in encoder.modules() if type(m).__name__ == "BasicBlock"]
     assert len(last_bns) == 8 and all(float(bn.weight.abs().max()) == 0.0 for bn in last_bns)
     assert all(float(m.bn1.weight.abs().min()) == 1.0 for m in encoder.modules() if type(m).__name__ == "BasicBlock")
+
+
+def test_layer_pools_a_timm_feature_level() -> None:
+    """``--layer N`` on a timm backbone: level N of its ``feature_info``, average-pooled (the probe on the
+    conv stages that pretext tasks are judged by); the last level is the encoder's own pooled output."""
+    torch.manual_seed(0)
+    encoder = create_encoder("resnet18").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        pooled = encoder(x)
+        encoder.select_layer(5)
+        assert torch.allclose(encoder(x), pooled, atol=1e-6)
+        encoder.select_layer(4)
+        stage3 = encoder.model.layer3(encoder.model.layer2(encoder.model.layer1(
+            encoder.model.maxpool(encoder.model.act1(encoder.model.bn1(encoder.model.conv1(x)))))))
+        assert encoder.dim == 256 and torch.allclose(encoder(x), stage3.mean((2, 3)), atol=1e-6)
+    vit = create_encoder("vit_tiny_p8", 32).eval()
+    vit.select_layer(3)
+    with torch.no_grad():
+        tokens = vit.model.blocks[:3](vit.model._pos_embed(vit.model.patch_embed(x)))
+        assert torch.allclose(vit(x), tokens[:, vit.model.num_prefix_tokens:].mean(1), atol=1e-5)
+    with pytest.raises(UserError, match=r"--layer 6: resnet18 has feature levels 1..5 \(1 act1, .*5 layer4\)"):
+        encoder.select_layer(6)

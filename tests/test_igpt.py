@@ -115,8 +115,6 @@ def test_layer_selects_the_pooled_block() -> None:
     assert torch.allclose(last, expected.mean(1), atol=1e-6) and not torch.allclose(middle, last)
     with pytest.raises(UserError, match="choose 1..4"):
         encoder.select_layer(5)
-    with pytest.raises(UserError, match="applies to Image GPT"):
-        create_encoder("resnet18").select_layer(2)
 
 
 def test_igpt_refuses_another_backbone() -> None:

@@ -33,8 +33,8 @@ CropPct = Annotated[float | None, typer.Option(
     "--crop-pct", help="Centre-crop fraction; default: SOURCE's, else 0.875 (use 1.0 for small images).",
     show_default=False)]
 Layer = Annotated[int | None, typer.Option(
-    "--layer", help="Average-pool block N's output instead of the encoder's default (Image GPT encoders, igpt_*: "
-    "1..depth; default the middle block).", show_default=False)]
+    "--layer", help="Average-pool feature level N instead of the encoder's output: a ResNet's stem and stages "
+    "(1..5), a ViT's blocks, an Image GPT's blocks (igpt_*: default the middle one).", show_default=False)]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per forward pass (and probe batch).")]
 TrainSplit = Annotated[str, typer.Option("--train-split", help="Split the classifier learns from.")]
 TestSplit = Annotated[str, typer.Option("--test-split", help="Split the accuracy is measured on.")]

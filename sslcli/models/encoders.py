@@ -94,9 +94,13 @@ class Encoder(nn.Module):
         self.spec = spec
         self.model = spec.create()
         self.dim: int = self.model.num_features
+        self.level: int | None = None  # select_layer's feature level of a timm backbone; None: the pooled output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+        if self.level is None:
+            return self.model(x)
+        # timm's feature levels ([B, C, H, W], a ViT's patch tokens laid out as a grid), average-pooled
+        return self.model.forward_intermediates(x, indices=[self.level - 1], intermediates_only=True)[0].mean((-2, -1))
 
     def freeze_patch_embed(self) -> None:
         """Keeps the random-init patch projection fixed (MoCo v3, Sec. 4.2: stabilises ViT training).
@@ -111,15 +115,26 @@ class Encoder(nn.Module):
             p.requires_grad_(False)
 
     def select_layer(self, layer: int) -> None:
-        """Features from block ``layer`` instead of the last (the iGPT linear probe on intermediate layers)."""
+        """Average-pooled features of level ``layer`` instead of the encoder's output: the linear probe on
+        intermediate layers (iGPT's middle block; the conv stages on which pretext tasks such as jigsaw are
+        evaluated, Goyal et al. 2019).  Image GPT picks its block itself; other timm backbones count the levels
+        of their ``feature_info`` from 1 (a ResNet's stem and four stages, a ViT's blocks)."""
         select = getattr(self.model, "select_layer", None)
-        if select is None:
-            raise UserError(f"{self.spec.arch} has no selectable feature layer; --layer applies to Image GPT "
-                            "encoders (igpt_*): drop --layer")
-        try:
-            select(layer)
-        except ValueError as err:
-            raise UserError(f"--layer {layer}: {err}") from None
+        if select is not None:
+            try:
+                select(layer)
+            except ValueError as err:
+                raise UserError(f"--layer {layer}: {err}") from None
+            return
+        levels = len(getattr(self.model, "feature_info", None) or [])
+        if not levels or not hasattr(self.model, "forward_intermediates"):
+            raise UserError(f"{self.spec.arch} has no selectable feature layer (timm gives it no "
+                            "forward_intermediates); drop --layer")
+        if not 1 <= layer <= levels:
+            names = ", ".join(f"{i + 1} {info['module']}" for i, info in enumerate(self.model.feature_info))
+            raise UserError(f"--layer {layer}: {self.spec.arch} has feature levels 1..{levels} ({names})")
+        self.level = layer
+        self.dim = self.model.feature_info[layer - 1]["num_chs"]
 
     def forward_dense(self, x: torch.Tensor) -> torch.Tensor:
         """Unpooled features (``[B, C, H, W]`` for CNNs, ``[B, T, C]`` for ViTs)."""
