@@ -26,9 +26,10 @@ from sslcli.config import build_config
 from sslcli.data.reader import build_loader, resolve_source
 from sslcli.data.synth import generate_synthetic
 from sslcli.engine import checkpoint
-from sslcli.engine import train as train_module
 from sslcli.methods.base import build_method
 from sslcli.pretrain import pretrain
+
+from faults import crash_at_step
 from sslcli.runs import run_encoder
 from sslcli.training_views import DeviceViews, WorkerDecode, plain_jpeg, replace_bad, training_views
 
@@ -91,21 +92,12 @@ def test_a_device_augmented_run_trains_and_repeats_bit_for_bit(straight: Path, t
 
 def test_a_crashed_device_augmented_run_resumes_bit_for_bit(straight: Path, tiny_data: Path, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    real = train_module.forward_backward
-    calls = {"n": 0}
-
-    def crash_at_step_7(*args: Any, **kwargs: Any) -> Any:
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise RuntimeError("simulated crash in step 7")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "forward_backward", crash_at_step_7)
+    crash_at_step(monkeypatch, 7)
     run = tmp_path / "crashed"
     with pytest.raises(RuntimeError, match="simulated crash"):
         pretrain(config(tiny_data, checkpoint_every=5), run, device="cpu")
     assert checkpoint.latest(run / "checkpoints").name == "epoch-0001-step-000001.pt"  # resumes mid-epoch
-    monkeypatch.setattr(train_module, "forward_backward", real)
+    monkeypatch.undo()
     pretrain(config(tiny_data), run, device="cpu", resume=True)
     ours = checkpoint.load(checkpoint.latest(run / "checkpoints"))
     theirs = checkpoint.load(checkpoint.latest(straight / "checkpoints"))

@@ -24,10 +24,11 @@ from sslcli.cli.app import app
 from sslcli.config import CropOptions, build_config
 from sslcli.data.synth import generate_synthetic
 from sslcli.engine import checkpoint
-from sslcli.engine import train as train_module
 from sslcli.engine.preemption import PREEMPTED_EXIT_CODE
 from sslcli.errors import UserError
 from sslcli.pretrain import pretrain
+
+from faults import crash_at_step
 
 # 64 images, batch 16: 4 steps an epoch, 12 in all; 32-px crops, 16 patches.
 OPTIONS = {"arch": "vit_tiny_p8", "epochs": 3, "batch_size": 16, "num_workers": 0, "log_every": 1}
@@ -95,16 +96,7 @@ def uninterrupted(single_thread: None, tiny_data: Path, tmp_path_factory: pytest
 
 def test_crash_mid_epoch_then_resume_is_bit_identical(uninterrupted: Path, tiny_data: Path, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = {"n": 0}
-    real = train_module.forward_backward
-
-    def crash_at_step_7(*args: Any, **kwargs: Any) -> Any:
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise RuntimeError("simulated crash in step 7")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "forward_backward", crash_at_step_7)
+    crash_at_step(monkeypatch, 7)
     run = tmp_path / "crashed"
     with pytest.raises(RuntimeError, match="simulated crash"):
         pretrain(config(tiny_data, checkpoint_every=5), run, device="cpu")
@@ -112,7 +104,7 @@ def test_crash_mid_epoch_then_resume_is_bit_identical(uninterrupted: Path, tiny_
     assert checkpoint.latest(run / "checkpoints").name == "epoch-0001-step-000001.pt"
     assert json.loads((run / "run.json").read_text()) == {"status": "failed", "epochs": 3,
                                                           "error": "RuntimeError: simulated crash in step 7"}
-    monkeypatch.setattr(train_module, "forward_backward", real)
+    monkeypatch.undo()
     pretrain(config(tiny_data), run, device="cpu", resume=True)
     assert_same_training(run, uninterrupted)
     steps = [int(line.split('"step": ')[1].split(",")[0]) for line in (run / "metrics.jsonl").read_text().splitlines()]
