@@ -199,7 +199,7 @@ def test_two_ranks_equal_one_rank(tmp_path: Path) -> None:
 def test_seer_is_a_recipe_of_swav() -> None:
     paper, small = build_config("seer"), build_config("seer", "small")
     assert paper.method == small.method == "swav"
-    assert paper.arch == "regnety_2560" and small.arch == "regnety_002"
+    assert paper.arch == "regnety_2560" and small.arch == "regnety_008" and small.method_args["proj_norm"] == "bn"
     assert paper.method_args["sinkhorn_iterations"] == 10 and paper.method_args["num_prototypes"] == 16000
     assert paper.method_args["proj_norm"] is None and [v.count for v in paper.augment.views] == [2, 4]
     with pytest.raises(UserError, match="did you mean: seer"):
@@ -209,7 +209,8 @@ def test_seer_is_a_recipe_of_swav() -> None:
 def test_seer_small_trains_a_regnet(synth_data: Path, tmp_path: Path) -> None:
     from sslcli.pretrain import pretrain
 
-    cfg = build_config("seer", "small", {"data": str(synth_data), "epochs": 1, "batch_size": 100, "num_workers": 0})
+    cfg = build_config("seer", "small", {"data": str(synth_data), "arch": "regnety_002", "epochs": 1, "batch_size": 100,
+                                         "num_workers": 0})  # the smallest RegNetY keeps the test quick
     run = pretrain(cfg, tmp_path / "seer", device="cpu")
     assert (run / "encoder.safetensors").exists() and "method: swav" in (run / "config.yaml").read_text()
 
