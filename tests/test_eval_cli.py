@@ -126,7 +126,7 @@ def test_raw_pixels_copy_the_preprocessing_of_a_source(synth_data: Path, weights
         ("k too large", "k=5000"),
         ("bad optimizer", "unknown optimizer 'adam'"),
         ("bad device", "unknown device 'gpu'"),
-        ("layer of a resnet", "no selectable feature layer"),
+        ("layer of a resnet out of range", "--layer 7: resnet18 has feature levels 1..5"),
         ("layer out of range", "--layer 9: layer 9 is not a block"),
     ],
 )
@@ -150,7 +150,7 @@ def test_user_errors_are_one_line_and_exit_2(case: str, expected: str, synth_dat
         "k too large": ["knn", "--raw-pixels", "--image-size", "8", "--k", "5000", *data],
         "bad optimizer": ["linear-probe", *RANDOM_RESNET, "--optimizer", "adam", *data],
         "bad device": ["knn", *RANDOM_RESNET, "--device", "gpu", *data],
-        "layer of a resnet": ["knn", *RANDOM_RESNET, "--layer", "2", *data],
+        "layer of a resnet out of range": ["knn", *RANDOM_RESNET, "--layer", "7", *data],
         "layer out of range": ["linear-probe", "--arch", "igpt_tiny", "--random-init", "--layer", "9", *data],
     }[case]
     result = invoke(*args)
