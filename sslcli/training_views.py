@@ -42,6 +42,7 @@ from PIL import Image
 
 from sslcli.augment import AugmentConfig, MultiView
 from sslcli.data.formats import decode_rgb
+from sslcli.data.loader import stand_ins
 from sslcli.device_augment import BatchedViews, decode_batch
 from sslcli.engine.device import memory_format_for
 from sslcli.errors import UserError
@@ -132,20 +133,19 @@ class DeviceViews:
 def replace_bad(batch: dict[str, Any], images: list[torch.Tensor | None]) -> list[torch.Tensor]:
     """``images`` with each None replaced as the loader replaces a bad sample (the nearest good one before it,
     else the first after; its label, index and caption too), counted in ``batch["bad_samples"]``."""
-    good = [slot for slot, image in enumerate(images) if image is not None]
-    bad = [slot for slot, image in enumerate(images) if image is None]
-    if not bad:
+    missing = [image is None for image in images]
+    if not any(missing):
         return images  # type: ignore[return-value]
-    if not good:
+    if all(missing):
         raise UserError(f"none of the {len(images)} images of a batch decode; check the data")
-    for slot in bad:
-        donor = max((g for g in good if g < slot), default=good[0])
+    replaced = stand_ins(missing)
+    for slot, donor in replaced.items():
         images[slot] = images[donor]
         batch["label"][slot], batch["index"][slot] = batch["label"][donor], batch["index"][donor]
         batch["text"][slot] = batch["text"][donor]
-    batch["bad_samples"] += len(bad)
+    batch["bad_samples"] += len(replaced)
     logger.warning("%d image(s) of a batch did not decode on %s; each replaced by a good one of its batch",
-                   len(bad), images[good[0]].device)
+                   len(replaced), images[missing.index(False)].device)
     return images  # type: ignore[return-value]
 
 

@@ -36,6 +36,14 @@ def synth_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A smaller one for short training runs: 64 train + 16 test images of 32 px in 32-sample shards."""
+    out = tmp_path_factory.mktemp("tiny") / "shapes"
+    generate_synthetic(out, train=64, test=16, size=32, seed=0, shard_size=32)
+    return out
+
+
 @pytest.fixture(scope="module")
 def single_thread() -> Iterator[None]:
     """One intra-op thread for a module's tests: tiny tensors only pay OpenMP spin-waits for more on a busy

@@ -24,7 +24,6 @@ from sslcli.augment import MultiView
 from sslcli.cli.app import app
 from sslcli.config import build_config
 from sslcli.data.reader import build_loader, resolve_source
-from sslcli.data.synth import generate_synthetic
 from sslcli.engine import checkpoint
 from sslcli.methods.base import build_method
 from sslcli.pretrain import pretrain
@@ -39,13 +38,6 @@ CPU = torch.device("cpu")
 # 64 images of 32 px, batch 16: 4 steps an epoch; ResNet-18 on SimCLR's 2 x 32-px views.
 OPTIONS = {"arch": "resnet18", "epochs": 2, "batch_size": 16, "num_workers": 0, "log_every": 1,
            "augment_on": "device"}
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("tiny") / "shapes"
-    generate_synthetic(out, train=64, test=16, size=32, seed=0, shard_size=32)
-    return out
 
 
 def config(data: Path, **extra: Any):  # noqa: ANN201

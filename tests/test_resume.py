@@ -22,7 +22,6 @@ from typer.testing import CliRunner
 
 from sslcli.cli.app import app
 from sslcli.config import CropOptions, build_config
-from sslcli.data.synth import generate_synthetic
 from sslcli.engine import checkpoint
 from sslcli.engine.preemption import PREEMPTED_EXIT_CODE
 from sslcli.errors import UserError
@@ -40,13 +39,6 @@ CLI = ["--recipe", "small", "--arch", "vit_tiny_p8", "--epochs", "3", "--batch-s
 # One intra-op thread here and in the CLI subprocess: the thread count changes float summation order, so runs
 # compare bit for bit only at equal counts.
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("tiny") / "shapes"
-    generate_synthetic(out, train=64, test=16, size=32, seed=0, shard_size=32)
-    return out
 
 
 def config(data: Path, **extra: Any):  # noqa: ANN201

@@ -42,6 +42,14 @@ Transform = Callable[[Image.Image], "torch.Tensor | list[torch.Tensor]"]
 _REPORTED_NAMES = 5
 
 
+def stand_ins(missing: list[bool]) -> dict[int, int]:
+    """Each missing slot of a batch -> the slot that stands in for it: the nearest present one before it, else the
+    first after, so a batch depends on its own samples only.  At least one slot must be present."""
+    present = [slot for slot, gone in enumerate(missing) if not gone]
+    return {slot: max((p for p in present if p < slot), default=present[0])
+            for slot, gone in enumerate(missing) if gone}
+
+
 class DecodeOnly(Protocol):
     """A transform whose augmentation runs per batch after the loader, on the training device (``--augment-on
     device``, :mod:`sslcli.training_views`).  The workers call ``decode(data)`` on each sample's image bytes
@@ -179,10 +187,8 @@ class _BatchStream(IterableDataset):
                 continue
             bad = [record.origin for record, inputs in zip(records, loaded) if inputs is None]
             if good:
-                for slot in range(len(loaded)):
-                    if loaded[slot] is None:
-                        donor = max((g for g in good if g < slot), default=good[0])
-                        loaded[slot], records[slot] = loaded[donor], records[donor]
+                for slot, donor in stand_ins([inputs is None for inputs in loaded]).items():
+                    loaded[slot], records[slot] = loaded[donor], records[donor]
                 last_good = (loaded[good[-1]], records[good[-1]])  # type: ignore[assignment]
             for held_batch, held in waiting:
                 assert last_good is not None
