@@ -120,3 +120,13 @@ def test_layer_selects_the_pooled_block() -> None:
 def test_igpt_refuses_another_backbone() -> None:
     with pytest.raises(UserError, match="--arch igpt_s"):
         build_method("igpt", create_encoder("resnet18"), {})
+
+
+def test_small_recipe_keeps_the_paper_objective_with_a_small_palette() -> None:
+    from sslcli.config import build_config
+
+    paper, small = build_config("igpt"), build_config("igpt", "small")
+    assert paper.method_args["palette_size"] == 512 and paper.method_args["resolution"] == 32
+    assert small.arch == "igpt_tiny" and small.method_args["objective"] == paper.method_args["objective"] == "ar"
+    # 32 colours and 8 epochs: the measured setting where pretraining helps a fine-tune (docs/methods/masked-modelling.md)
+    assert small.method_args["palette_size"] == 32 and small.method_args["resolution"] == 16 and small.epochs == 8
