@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sslcli.config import build_config
 from sslcli.errors import UserError
 from sslcli.methods.base import build_method
 from sslcli.models.encoders import create_encoder
@@ -123,10 +124,8 @@ def test_igpt_refuses_another_backbone() -> None:
 
 
 def test_small_recipe_keeps_the_paper_objective_with_a_small_palette() -> None:
-    from sslcli.config import build_config
-
     paper, small = build_config("igpt"), build_config("igpt", "small")
     assert paper.method_args["palette_size"] == 512 and paper.method_args["resolution"] == 32
     assert small.arch == "igpt_tiny" and small.method_args["objective"] == paper.method_args["objective"] == "ar"
-    # 32 colours and 8 epochs: the measured setting where pretraining helps a fine-tune (docs/methods/masked-modelling.md)
+    # 32 colours, 8 epochs: where pretraining was measured to help a fine-tune (docs/methods/masked-modelling.md)
     assert small.method_args["palette_size"] == 32 and small.method_args["resolution"] == 16 and small.epochs == 8
