@@ -55,6 +55,8 @@ def test_masked_token_loss_is_cross_entropy_on_masked_positions_only() -> None:
     assert torch.allclose(masked_token_loss(logits, tokens, mask), reference / row)
     changed = torch.where(mask, tokens, (tokens + 3) % 10)  # only unmasked targets differ
     assert torch.equal(masked_token_loss(logits, changed, mask), masked_token_loss(logits, tokens, mask))
+    where = torch.tensor([0, 2, 5, 7])  # the same positions as flat indices (what BEiT's step passes)
+    assert torch.equal(masked_token_loss(logits, tokens, where), masked_token_loss(logits, tokens, mask))
 
 
 def test_kl_to_uniform_matches_its_formula_and_bounds() -> None:

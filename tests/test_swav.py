@@ -163,6 +163,7 @@ def test_queue_fills_from_its_start_epoch_and_joins_sinkhorn_once_full() -> None
             scores = [zi @ method.prototypes.weight.T for zi in z]
         torch.testing.assert_close(out.loss, swav_loss(scores, [sinkhorn(s) for s in scores[:2]], 0.1), rtol=1e-4,
                                    atol=1e-5)
+        method.after_step(0.2)  # as the loop does: the host learns that the queue is full
     assert not torch.equal(method.queues[1].keys, initial)
     queued = [q.keys.clone() for q in method.queues]
     views = _crops(seed=9)
@@ -173,6 +174,10 @@ def test_queue_fills_from_its_start_epoch_and_joins_sinkhorn_once_full() -> None
     codes = [sinkhorn(torch.cat([k @ method.prototypes.weight.T, s]))[-6:] for k, s in zip(queued, scores[:2])]
     torch.testing.assert_close(out.loss, swav_loss(scores, codes, 0.1), rtol=1e-4, atol=1e-5)
     assert not torch.allclose(out.loss, swav_loss(scores, [sinkhorn(s) for s in scores[:2]], 0.1))
+    resumed = _swav(queue_length=12, queue_start_epoch=2, epochs=10)
+    assert not resumed.queue_full
+    resumed.load_state_dict(method.state_dict())  # --resume: the host flags follow the loaded counters
+    assert resumed.queue_filling and resumed.queue_full
 
 
 def test_a_single_crop_is_a_user_error() -> None:

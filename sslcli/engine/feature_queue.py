@@ -31,10 +31,12 @@ class FeatureQueue(nn.Module):
         keys = keys.detach().to(self.keys.dtype)
         if keys.shape[0] > self.size:
             keys = keys[-self.size :]
-        n, ptr = keys.shape[0], int(self.ptr)
-        idx = (torch.arange(n, device=self.keys.device) + ptr) % self.size
-        self.keys[idx] = keys
-        self.ptr.fill_((ptr + n) % self.size)
+        n = keys.shape[0]
+        # The pointer stays on the device: reading it on the host would cost a sync per step (and, compiled,
+        # a graph break and a recompile for each of its values).
+        idx = (torch.arange(n, device=self.keys.device) + self.ptr) % self.size
+        self.keys.index_copy_(0, idx, keys)
+        self.ptr.copy_((self.ptr + n) % self.size)
 
     def negatives(self) -> torch.Tensor:
         """The current keys, detached; taken before this step's enqueue."""

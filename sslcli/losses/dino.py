@@ -24,7 +24,7 @@ from sslcli.losses.float32 import float32_loss
 
 @float32_loss
 def dino_loss(student_out: Sequence[torch.Tensor], teacher_out: Sequence[torch.Tensor], center: torch.Tensor, *,
-              student_temp: float = 0.1, teacher_temp: float = 0.04) -> torch.Tensor:
+              student_temp: float = 0.1, teacher_temp: float | torch.Tensor = 0.04) -> torch.Tensor:
     """Cross-entropy between the centred, sharpened teacher and the student, over all crop pairs.
 
     ``student_out``: one ``[B, K]`` logit tensor per student crop, the teacher's crops first (crop
@@ -40,7 +40,8 @@ def dino_loss(student_out: Sequence[torch.Tensor], teacher_out: Sequence[torch.T
     # cross[t, s] = mean_b -sum_k P_t log P_s, for every (teacher crop, student crop) pair at once
     cross = -torch.einsum("tbk,sbk->ts", targets, log_probs) / targets.shape[1]
     same_crop = torch.eye(len(teacher_out), len(student_out), dtype=torch.bool, device=cross.device)
-    return cross[~same_crop].mean()
+    # Zeroed, not indexed out: a boolean index's data-dependent shape is a graph break under torch.compile.
+    return cross.masked_fill(same_crop, 0.0).sum() / (cross.numel() - len(teacher_out))
 
 
 @torch.no_grad()

@@ -15,6 +15,8 @@ def masked_token_loss(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Te
     so ``logits`` holds their rows, in the row-major order of ``mask``.
 
     Shapes: ``logits`` ``[M, K]``, ``tokens`` ``[B, N]`` long in ``[0, K)``, ``mask`` ``[B, N]`` bool with ``M``
-    True entries -> scalar.  float32.
+    True entries, or the ``[M]`` long flat indices of those entries (row-major; computed on the host they
+    spare the device the sync of a boolean index) -> scalar.  float32.
     """
-    return F.cross_entropy(logits.float(), tokens[mask])
+    targets = tokens[mask] if mask.dtype == torch.bool else tokens.flatten()[mask]
+    return F.cross_entropy(logits.float(), targets)

@@ -56,18 +56,29 @@ class Method(nn.Module, abc.ABC):
     def forward(self, views: list[torch.Tensor], batch: dict[str, Any]) -> StepOutput:
         """One training step's loss from the augmented ``views`` (``[B, C, H, W]`` each)."""
 
-    def track_progress(self) -> None:
+    def track_progress(self, **schedules: Callable[[float], float]) -> None:
         """For a method whose ``forward`` depends on how far training is (DINO's teacher temperature,
         SwAV's queue start). The fraction done lives in a ``progress`` buffer, so checkpoints carry it
         and ``--resume`` restores it, mirrored in ``self.done`` on the host: reading it in ``forward``
-        costs no device sync per step. ``after_step`` keeps both current with :meth:`record_progress`."""
+        costs no device sync per step. ``after_step`` keeps both current with :meth:`record_progress`.
+
+        Each ``name=fn`` in ``schedules`` adds a 0-dim float buffer ``self.<name>`` holding ``fn(progress)``,
+        refreshed with the progress. ``forward`` reads scheduled values from these rather than computing them
+        from ``self.done``: a Python float that changes every step is a constant to ``torch.compile``, which
+        would recompile the step for each new value. The buffers are derived, so not saved; loading a
+        checkpoint recomputes them from ``progress``."""
         self.register_buffer("progress", torch.zeros(()))
+        self._schedules = schedules
+        for name, fn in schedules.items():
+            self.register_buffer(name, torch.tensor(float(fn(0.0))), persistent=False)
         self.done = 0.0
-        self.register_load_state_dict_post_hook(lambda module, _: setattr(module, "done", float(module.progress)))
+        self.register_load_state_dict_post_hook(lambda module, _: module.record_progress(float(module.progress)))
 
     def record_progress(self, progress: float) -> None:
         self.done = progress
         self.progress.fill_(progress)
+        for name, fn in self._schedules.items():
+            getattr(self, name).fill_(fn(progress))
 
     def before_epoch(self, epoch: int, dataset_features: Callable[[nn.Module], torch.Tensor]) -> list[nn.Parameter]:
         """Called before each epoch's data; returns parameters it re-initialised (their optimiser state

@@ -73,21 +73,23 @@ class BEiT(Method):
             x = F.interpolate(x, size=self.tokenizer_size, mode="bilinear", antialias=True, align_corners=False)
         return self.tokenizer.tokens(x).flatten(1)
 
-    def sample_masks(self, batch: int) -> torch.Tensor:
-        """``[B, N]`` bool blockwise masks, drawn from the global torch RNG (so seeded runs repeat)."""
+    @torch.compiler.disable  # Python loops on the host: a compiled step calls it as it is
+    def sample_masks(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, N]`` bool blockwise masks, drawn from the global torch RNG (so seeded runs repeat), and the
+        ``[M]`` flat indices of their True entries: found on the host, they cost the device no sync."""
         generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
-        masks = [blockwise_mask(self.grid, self.num_masked, min_block=self.min_block, generator=generator)
-                 for _ in range(batch)]
-        return torch.stack(masks).flatten(1)
+        masks = torch.stack([blockwise_mask(self.grid, self.num_masked, min_block=self.min_block, generator=generator)
+                             for _ in range(batch)]).flatten(1)
+        return masks, masks.flatten().nonzero().squeeze(1)
 
     def forward(self, views: list[torch.Tensor], batch: dict[str, Any]) -> StepOutput:
         images = views[0]
         tokens = self.visual_tokens(images)
-        mask = self.sample_masks(images.shape[0]).to(images.device)
+        mask, where = (t.to(images.device, non_blocking=True) for t in self.sample_masks(images.shape[0]))
         h = forward_with_mask_token(self.backbone.model, images, mask, self.mask_token)
-        logits = self.head(h[:, 1:][mask])
-        loss = masked_token_loss(logits, tokens, mask)
-        accuracy = (logits.detach().argmax(-1) == tokens[mask]).float().mean()
+        logits = self.head(h[:, 1:].flatten(0, 1).index_select(0, where))  # the masked positions only
+        loss = masked_token_loss(logits, tokens, where)
+        accuracy = (logits.detach().argmax(-1) == tokens.flatten()[where]).float().mean()
         return StepOutput(loss, {"token_acc": accuracy, "mask_frac": mask.float().mean()}, embedding=h[:, 0])
 
     def describe(self) -> dict[str, str]:

@@ -72,6 +72,7 @@ class CLIP(Method):
         merges_tensor, self.caption_count = dist.broadcast_object(merges)
         self.merges.copy_(merges_tensor)
 
+    @torch.compiler.disable  # string processing on the host: a compiled step calls it as it is
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         """Token ids ``[len(texts), context_length]``, on the model's device."""
         return self.tokenizer(texts, self.context_length).to(self.merges.device)

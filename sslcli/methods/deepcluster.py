@@ -79,6 +79,11 @@ class DeepCluster(Method):
         self.uniform_clusters, self.reassign_every = uniform_clusters, reassign_every
         self.register_buffer("pseudo_labels", torch.full((num_samples,), -1, dtype=torch.long))
         self.register_buffer("label_weights", torch.ones(num_clusters))
+        # Checked on the host, once per clustering or checkpoint load: a per-step check of the labels
+        # would be a device sync (and a graph break when compiled).
+        self.clustered = False
+        self.register_load_state_dict_post_hook(
+            lambda module, _: setattr(module, "clustered", bool((module.pseudo_labels >= 0).all())))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """What k-means clusters: the MLP's output before its last ReLU."""
@@ -87,7 +92,7 @@ class DeepCluster(Method):
     def before_epoch(self, epoch: int, dataset_features: Callable[[nn.Module], torch.Tensor]) -> list[nn.Parameter]:
         # The official code's --reassign: epochs of training between two clusterings (1 in the paper). On a
         # small dataset an epoch is too few steps for the new top layer to fit its clusters.
-        if epoch % self.reassign_every and bool((self.pseudo_labels >= 0).all()):
+        if epoch % self.reassign_every and self.clustered:
             return []
         feats = dataset_features(_Features(self))  # [N, d] in sample-index order
         x = pca_whiten(feats, self.pca_dim)
@@ -95,6 +100,7 @@ class DeepCluster(Method):
                            seed=epoch)
         labels = dist.broadcast_(labels.to(self.pseudo_labels.device))
         self.pseudo_labels.copy_(labels)
+        self.clustered = True
         counts = torch.bincount(labels, minlength=self.num_clusters).float()
         filled = counts > 0
         self.label_weights.zero_()
@@ -105,9 +111,9 @@ class DeepCluster(Method):
         return list(self.top.parameters())
 
     def forward(self, views: list[torch.Tensor], batch: dict[str, Any]) -> StepOutput:
-        y = self.pseudo_labels[batch["index"].to(self.pseudo_labels.device)]
-        if bool((y < 0).any()):
+        if not self.clustered:
             raise RuntimeError("deepcluster has no pseudo-labels: before_epoch() must run before each epoch")
+        y = self.pseudo_labels[batch["index"].to(self.pseudo_labels.device)]
         h = self.features(views[0])
         logits = self.top(F.relu(h)).float()
         ce = F.cross_entropy(logits, y, reduction="none")

@@ -76,7 +76,7 @@ class DenseCL(Method):
         self.key = make_target(self.query)
         self.queue = FeatureQueue(queue_size, dim)
         self.dense_queue = FeatureQueue(queue_size, dim)
-        self._reported = False  # the grid size is known at the first step only
+        self._reported, self._dense_locations = False, 0  # the grid size is known at the first step only
 
     @torch.no_grad()
     def _keys(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -94,13 +94,14 @@ class DenseCL(Method):
         self.dense_queue.enqueue(dist.gather_no_grad(F.normalize(k_dense.float().mean(dim=1), dim=1)))
         logs = {"loss_global": loss_global.detach(), "loss_dense": loss_dense.detach(),
                 "q_std": collapse_std(q), "dense_std": collapse_std(q_dense.reshape(-1, q_dense.shape[-1]))}
-        if not self._reported:
-            self._reported = True
-            info(f"  dense locations per view: {match.shape[1]}" + ("" if match.shape[1] > 1 else
-                 " (a 1x1 map: the dense loss is only a second global loss; use larger crops)"))
+        self._dense_locations = match.shape[1]  # reported once by after_step, outside a compiled forward
         return StepOutput(loss, logs, embedding=q)
 
     def after_step(self, progress: float) -> None:
+        if not self._reported:
+            self._reported = True
+            info(f"  dense locations per view: {self._dense_locations}" + ("" if self._dense_locations > 1 else
+                 " (a 1x1 map: the dense loss is only a second global loss; use larger crops)"))
         m = schedule(progress, 1.0, start=self.momentum, end=self.momentum_end)
         ema_update_(self.key, self.query, m)
 

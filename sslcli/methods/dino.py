@@ -57,12 +57,11 @@ class DINO(Method):
         self.student = torch.nn.Sequential(encoder, self.head)
         self.teacher = make_target(self.student)
         self.register_buffer("center", torch.zeros(1, out_dim))
-        self.track_progress()  # the temperature of the first step after --resume is then right
+        self.track_progress(current_teacher_temp=self.teacher_temp_at)  # right after --resume too
 
-    def current_teacher_temp(self) -> float:
-        epoch = self.done * self.epochs
-        return schedule(epoch, self.epochs, start=self.teacher_temp, warmup=self.warmup_teacher_temp_epochs,
-                        warmup_from=self.warmup_teacher_temp, kind="constant")
+    def teacher_temp_at(self, progress: float) -> float:
+        return schedule(progress * self.epochs, self.epochs, start=self.teacher_temp,
+                        warmup=self.warmup_teacher_temp_epochs, warmup_from=self.warmup_teacher_temp, kind="constant")
 
     def _student_bottleneck(self, x: torch.Tensor) -> torch.Tensor:
         return self.head.bottleneck(self.backbone(x))
@@ -76,7 +75,7 @@ class DINO(Method):
         bottlenecks = forward_by_resolution(self._student_bottleneck, views)
         # One pass through the last layer for every crop: its weight is normalised once per step.
         student_out = list(self.head.last_layer(torch.cat(bottlenecks)).split([v.shape[0] for v in views]))
-        temp = self.current_teacher_temp()
+        temp = self.current_teacher_temp  # a buffer, so a compiled step does not recompile as it changes
         loss = dino_loss(student_out, teacher_out, self.center, student_temp=self.student_temp, teacher_temp=temp)
         teacher_all = torch.cat(teacher_out)
         logs = {"teacher_entropy": distribution_entropy((teacher_all.float() - self.center) / temp),

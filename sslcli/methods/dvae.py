@@ -39,17 +39,20 @@ class DVAE(Method):
         self.temperature, self.temperature_end = temperature, temperature_end
         self.kl_weight, self.kl_warmup = kl_weight, kl_warmup
         self.augment = augment
-        self.track_progress()
+        self.track_progress(  # buffers: a compiled step reads them without recompiling as they change
+            tau=lambda done: schedule(done, 1, start=temperature, end=temperature_end),
+            beta=lambda done: schedule(done, 1, start=kl_weight, warmup=kl_warmup, kind="constant"))
 
     def forward(self, views: list[torch.Tensor], batch: dict[str, Any]) -> StepOutput:
         images = views[0]
-        tau = schedule(self.done, 1, start=self.temperature, end=self.temperature_end)
-        beta = schedule(self.done, 1, start=self.kl_weight, warmup=self.kl_warmup, kind="constant")
+        tau, beta = self.tau, self.beta
         recon, logits = self.tokenizer(images, tau)
         mse = (recon.float() - images.float()).pow(2).mean()
         kl = kl_to_uniform(logits)
         # Codebook use: exp(entropy) of the batch's token histogram (K when every word is equally used).
-        words = torch.bincount(logits.argmax(1).flatten(), minlength=self.tokenizer.vocab).float()
+        # index_add_ rather than bincount, whose output size depends on the data (a graph break when compiled)
+        ids = logits.argmax(1).flatten()
+        words = torch.zeros(self.tokenizer.vocab, device=ids.device).index_add_(0, ids, torch.ones_like(ids).float())
         codes = self.tokenizer.codebook(logits.softmax(1)).mean(dim=(2, 3))
         logs = {"recon_mse": mse.detach(), "kl": kl.detach(), "tau": tau,
                 "perplexity": distribution_entropy(words[None] / words.sum(), probs=True).exp()}

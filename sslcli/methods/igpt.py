@@ -98,8 +98,12 @@ class IGPT(Method):
             predicted[:, 0] |= ~predicted.any(1)  # at least one masked position per sequence
             inputs = tokens.masked_fill(predicted, self.gpt.start_token)
         logits, hidden = self.gpt.logits(inputs)
-        loss = F.cross_entropy(logits[predicted].float(), tokens[predicted])
+        # The mean over predicted positions as a weighted mean over all of them: a boolean index would give a
+        # data-dependent shape (a graph break when compiled). AR predicts every position anyway.
+        weight = predicted.float()
+        per_token = F.cross_entropy(logits.float().transpose(1, 2), tokens, reduction="none")  # [B, N]
+        loss = (per_token * weight).sum() / weight.sum()
         with torch.no_grad():
-            accuracy = (logits[predicted].argmax(-1) == tokens[predicted]).float().mean()
+            accuracy = ((logits.argmax(-1) == tokens).float() * weight).sum() / weight.sum()
         logs = {"bits_per_token": loss.detach() / torch.log(torch.tensor(2.0)), "token_acc": accuracy}
         return StepOutput(loss, logs, embedding=hidden.mean(1))

@@ -64,10 +64,18 @@ class SwAV(Method):
         # Embeddings queued so far: the queue joins Sinkhorn once full.
         self.register_buffer("queued", torch.zeros((), dtype=torch.long))
         self.track_progress()
+        self.register_load_state_dict_post_hook(lambda module, _: module.update_queue_flags())
+        self.update_queue_flags()
 
     def epoch(self, progress: float) -> float:
         """The current (fractional) epoch; without the run's length every epoch setting counts as passed."""
         return progress * self.epochs if self.epochs is not None else math.inf
+
+    def update_queue_flags(self) -> None:
+        """The queue's state as host booleans, for ``forward`` to branch on. Each flips once a run (one
+        recompile each when compiled); the device counter is read only while the queue fills."""
+        self.queue_filling = bool(self.queues) and self.epoch(self.done) >= self.queue_start_epoch
+        self.queue_full = self.queue_filling and int(self.queued) >= self.queues[0].size
 
     def forward(self, views: list[torch.Tensor], batch: dict[str, Any]) -> StepOutput:
         with torch.no_grad():  # unit prototypes: the scores are cosines (official code, before each step)
@@ -87,8 +95,7 @@ class SwAV(Method):
     def codes(self, scores: tuple[torch.Tensor, ...], z: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         """Sinkhorn codes ``[B, K]`` of each global crop, the queued embeddings' scores prepended when full."""
         batch = scores[0].shape[0]
-        use_queue = bool(self.queues) and int(self.queued) >= self.queues[0].size
-        fill_queue = bool(self.queues) and self.epoch(self.done) >= self.queue_start_epoch
+        use_queue, fill_queue = self.queue_full, self.queue_filling
         codes = []
         for i, s in enumerate(scores):
             s = s.detach().float()
@@ -109,6 +116,8 @@ class SwAV(Method):
 
     def after_step(self, progress: float) -> None:
         self.record_progress(progress)
+        if not self.queue_full:
+            self.update_queue_flags()
 
     def describe(self) -> dict[str, str]:
         queue = "off"

@@ -87,7 +87,7 @@ class DiscreteVAE(nn.Module):
     def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.decode(F.one_hot(tokens, self.vocab).permute(0, 3, 1, 2).float())
 
-    def forward(self, images: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor, temperature: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(reconstruction, logits)`` through a Gumbel-softmax relaxation at ``temperature``."""
         logits = self.logits(images)
         soft = F.gumbel_softmax(logits.float(), tau=temperature, hard=False, dim=1)
