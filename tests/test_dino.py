@@ -171,6 +171,13 @@ def test_teacher_temperature_warms_up_linearly_over_30_epochs(progress: float, t
     assert math.isclose(float(resumed.current_teacher_temp), temperature, rel_tol=1e-6)
 
 
+def test_the_logged_teacher_temperature_is_the_one_the_step_used() -> None:
+    method = build_method("dino", create_encoder("resnet18"), SMALL, epochs=100)
+    logs = method(_views(), {}).logs
+    method.after_step(0.3)  # the loop reads the logs after the step's hooks
+    assert math.isclose(float(logs["teacher_temp"]), 0.04, rel_tol=1e-6)
+
+
 def test_last_layer_gets_no_update_in_the_first_epoch_only() -> None:
     method = build_method("dino", create_encoder("resnet18"), {**SMALL, "freeze_last_layer": 1}, epochs=4)
     last = list(method.head.last_layer.parameters())

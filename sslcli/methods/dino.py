@@ -80,7 +80,7 @@ class DINO(Method):
         teacher_all = torch.cat(teacher_out)
         logs = {"teacher_entropy": distribution_entropy((teacher_all.float() - self.center) / temp),
                 "student_entropy": distribution_entropy(torch.cat(student_out).float() / self.student_temp),
-                "teacher_temp": temp}
+                "teacher_temp": temp.clone()}  # a copy: the buffer moves on before the log is read
         self.center.copy_(update_center(self.center, teacher_all, self.center_momentum))
         return StepOutput(loss, logs, embedding=bottlenecks[0])
 

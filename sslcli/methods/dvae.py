@@ -54,7 +54,7 @@ class DVAE(Method):
         ids = logits.argmax(1).flatten()
         words = torch.zeros(self.tokenizer.vocab, device=ids.device).index_add_(0, ids, torch.ones_like(ids).float())
         codes = self.tokenizer.codebook(logits.softmax(1)).mean(dim=(2, 3))
-        logs = {"recon_mse": mse.detach(), "kl": kl.detach(), "tau": tau,
+        logs = {"recon_mse": mse.detach(), "kl": kl.detach(), "tau": tau.clone(),
                 "perplexity": distribution_entropy(words[None] / words.sum(), probs=True).exp()}
         return StepOutput(mse + beta * kl, logs, embedding=codes)
 
