@@ -1,16 +1,23 @@
-"""Every registered method's step compiles into whole graphs that training does not recompile.
+"""Every registered method's step is fit for a GPU: compiled, it keeps whole graphs that training does not
+recompile; eager, it reads one tensor on the host per step.
 
 ``pretrain --compile`` compiles the method's forward. A graph break splits the step (no fusion across it,
 and a ``.item()`` behind one is a host sync per step); a recompile per step (a Python float read in
 ``forward`` that a schedule changes, a queue pointer read on the host) costs a compilation per step until
 dynamo gives up and runs the step eagerly. Both are decided by dynamo's tracing alone, so the step is
-compiled with ``backend="eager"``: the test sees what inductor would be handed, in seconds.
+compiled with ``backend="eager"``: the test sees what inductor would be handed, in seconds. Host reads
+(``.item()``, ``bool(t)``, ...) are counted by wrapping the tensor methods that make them.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import traceback
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -27,7 +34,7 @@ from sslcli.engine.precision import grad_scaler
 from sslcli.engine.step import forward_backward, guarded_update
 from sslcli.evaluation.features import extract_features
 from sslcli.methods import METHODS, get_method
-from sslcli.methods.base import build_method
+from sslcli.methods.base import Method, build_method
 from sslcli.models.dvae import DiscreteVAE, save_tokenizer
 from sslcli.runs import run_encoder
 
@@ -54,9 +61,13 @@ def untrained_tokenizer(directory: Path) -> str:
 VARIANTS = {"swav-queue": ("swav", ["method_args.queue_length=8", "method_args.queue_start_epoch=0"])}
 
 
-@pytest.mark.parametrize("case", [*sorted(METHODS), *VARIANTS])
-def test_a_compiled_step_keeps_whole_graphs_and_never_recompiles(case: str, synth_data: Path,
-                                                                   tmp_path: Path) -> None:
+Step = Callable[[torch.nn.Module, int], None]
+
+
+def training_step(case: str, synth_data: Path, tmp_path: Path) -> tuple[Method, Step]:
+    """The case's method (small recipe, batch 8, one real batch's views) and ``step(model, i)``: the loop's
+    forward/backward through ``model`` (the method or its compiled wrapper) and guarded update, as step ``i``
+    of a 1000-step run."""
     name, sets = VARIANTS.get(case, (case, []))
     if name == "beit":
         sets = [f"method_args.tokenizer={untrained_tokenizer(tmp_path)}"]
@@ -75,24 +86,66 @@ def test_a_compiled_step_keeps_whole_graphs_and_never_recompiles(case: str, synt
     views = batch.pop("views")
     optimizer = build_optimizer(method.param_groups(), cfg.optim, cfg.optim.scaled_lr(cfg.batch_size))
     scaler, guard = grad_scaler(torch.device("cpu"), None), StepGuard(cfg.max_bad_steps)
-    total = 1000
 
+    def step(model: torch.nn.Module, i: int) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss, _ = forward_backward(model, views, batch, scaler, torch.device("cpu"), None, 1)
+        guarded_update(method, optimizer, scaler, guard, loss, None, False, i, 1000)
+
+    return method, step
+
+
+CASES = [*sorted(METHODS), *VARIANTS]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_compiled_step_keeps_whole_graphs_and_never_recompiles(case: str, synth_data: Path,
+                                                                   tmp_path: Path) -> None:
+    method, step = training_step(case, synth_data, tmp_path)
     torch._dynamo.reset()
     counters.clear()
     compiled = torch.compile(method, backend="eager")
-
-    def train_step(step: int) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        loss, _ = forward_backward(compiled, views, batch, scaler, torch.device("cpu"), None, 1)
-        guarded_update(method, optimizer, scaler, guard, loss, None, False, step, total)
-
-    for step in (0, 1):  # the first traces (and any one-off work of the first step)
-        train_step(step)
+    for i in (0, 1):  # the first traces (and any one-off work of the first step)
+        step(compiled, i)
     breaks = sum(counters["graph_break"].values())
-    assert breaks == EXPECTED_BREAKS.get(name, 0), dict(counters["graph_break"])
+    assert breaks == EXPECTED_BREAKS.get(method.name, 0), dict(counters["graph_break"])
     counters.clear()
     # Later steps at other points of the schedules (DINO's teacher temperature is still warming up at 2%).
-    for step in (2, 20, 500, 900):
-        train_step(step)
-    assert not counters["stats"].get("unique_graphs"), f"{name}: a later step compiled again"
+    for i in (2, 20, 500, 900):
+        step(compiled, i)
+    assert not counters["stats"].get("unique_graphs"), f"{case}: a later step compiled again"
     assert not counters["graph_break"]
+
+
+# Host-side by design: BEiT's masks come from a CPU generator (engine/masking.py, BEiT.sample_masks).
+HOST_SIDE = ("sample_masks", "blockwise_mask", "uniform")
+READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_step_reads_tensors_on_the_host_only_for_the_step_guard(case: str, synth_data: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU each read of a tensor's value on the host waits for the device. A steady-state step (hooks
+    included) makes one: the non-finite guard's flags, which decide whether the optimiser steps."""
+    method, step = training_step(case, synth_data, tmp_path)
+    for i in (0, 1):  # one-off reads of the first steps (InstDisc's partition function, SwAV's queue filling)
+        step(method, i)
+    reads: Counter[str] = Counter()
+
+    def counted(name: str) -> Callable[..., Any]:
+        original = getattr(torch.Tensor, name)
+
+        def read(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            frames = [f for f in traceback.extract_stack()[:-1] if f"{os.sep}sslcli{os.sep}" in f.filename]
+            if frames and not any(f.name in HOST_SIDE for f in frames):
+                reads[f"{Path(frames[-1].filename).name}:{frames[-1].lineno} ({name})"] += 1
+            return original(self, *args, **kwargs)
+        return read
+
+    for name in READS:
+        monkeypatch.setattr(torch.Tensor, name, counted(name))
+    for i in (2, 3, 4):
+        step(method, i)
+    monkeypatch.undo()
+    (site, count), *others = reads.most_common()
+    assert site.startswith("guards.py:") and count == 3 and not others, dict(reads)
