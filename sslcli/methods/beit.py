@@ -80,7 +80,9 @@ class BEiT(Method):
         generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
         masks = torch.stack([blockwise_mask(self.grid, self.num_masked, min_block=self.min_block, generator=generator)
                              for _ in range(batch)]).flatten(1)
-        return masks, masks.flatten().nonzero().squeeze(1)
+        where = masks.flatten().nonzero().squeeze(1)
+        torch._dynamo.maybe_mark_dynamic(where, 0)  # M varies by batch: compiled, trace it symbolic from the start
+        return masks, where
 
     def forward(self, views: list[torch.Tensor], batch: dict[str, Any]) -> StepOutput:
         images = views[0]
