@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from sslcli.config import build_config
 from sslcli.data.synth import generate_synthetic
+from sslcli.pretrain import pretrain
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -52,3 +54,10 @@ def single_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_run(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A dVAE tokenizer run, trained for one epoch on ``synth_data``: beit's prerequisite (its stage 1)."""
+    cfg = build_config("dvae", "small", {"epochs": 1, "batch_size": 64, "num_workers": 0, "data": str(synth_data)})
+    return pretrain(cfg, tmp_path_factory.mktemp("dvae") / "run", device="cpu")

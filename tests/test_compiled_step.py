@@ -11,7 +11,6 @@ compiled with ``backend="eager"``: the test sees what inductor would be handed, 
 
 from __future__ import annotations
 
-import json
 import os
 import traceback
 from collections import Counter
@@ -35,7 +34,6 @@ from sslcli.engine.step import forward_backward, guarded_update
 from sslcli.evaluation.features import extract_features
 from sslcli.methods import METHODS, get_method
 from sslcli.methods.base import Method, build_method
-from sslcli.models.dvae import DiscreteVAE, save_tokenizer
 from sslcli.runs import run_encoder
 
 get_method("simclr")  # populate the registry before parametrisation
@@ -43,17 +41,6 @@ get_method("simclr")  # populate the registry before parametrisation
 # Graph breaks that stay, each around host-side work that has no tensor form: BEiT's blockwise masks and
 # CLIP's BPE tokenizer are Python loops run eagerly (`torch.compiler.disable`).
 EXPECTED_BREAKS = {"beit": 1, "clip": 1}
-
-
-def untrained_tokenizer(directory: Path) -> str:
-    """beit's prerequisite at the dvae small recipe's layout; tracing does not care that it is untrained."""
-    cfg = build_config("dvae", "small", {})
-    args = cfg.method_args
-    tokenizer = DiscreteVAE(args["vocab"], args["code_dim"], tuple(args["widths"]))
-    meta = {"image_size": str(cfg.augment.eval_size), "mean": json.dumps(list(cfg.augment.mean)),
-            "std": json.dumps(list(cfg.augment.std))}
-    save_tokenizer(tokenizer, directory / "tokenizer.safetensors", meta)
-    return str(directory)
 
 
 # Options the small recipes leave off: SwAV's queue (here full after the first step), and DINO's teacher
@@ -66,13 +53,13 @@ VARIANTS = {"swav-queue": ("swav", ["method_args.queue_length=8", "method_args.q
 Step = Callable[[torch.nn.Module, int], None]
 
 
-def training_step(case: str, synth_data: Path, tmp_path: Path) -> tuple[Method, Step]:
+def training_step(case: str, synth_data: Path, request: pytest.FixtureRequest) -> tuple[Method, Step]:
     """The case's method (small recipe, batch 8, one real batch's views) and ``step(model, i)``: the loop's
     forward/backward through ``model`` (the method or its compiled wrapper) and guarded update, as step ``i``
     of a 1000-step run."""
     name, sets = VARIANTS.get(case, (case, []))
     if name == "beit":
-        sets = [f"method_args.tokenizer={untrained_tokenizer(tmp_path)}"]
+        sets = [f"method_args.tokenizer={request.getfixturevalue('tokenizer_run')}"]
     cfg = build_config(name, "small", {"data": str(synth_data), "batch_size": 8, "num_workers": 0}, sets)
     source = resolve_source(cfg.data, "train")
     torch.manual_seed(0)
@@ -104,12 +91,13 @@ READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_a_step_reads_the_host_once_and_compiles_to_graphs_that_last(case: str, synth_data: Path, tmp_path: Path,
+def test_a_step_reads_the_host_once_and_compiles_to_graphs_that_last(case: str, synth_data: Path,
+                                                                      request: pytest.FixtureRequest,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Eager, a steady-state step (hooks included) reads one tensor's value on the host, the non-finite
     guard's flags, which decide whether the optimiser steps: on a GPU each such read waits for the device.
     Compiled, it has no graph break but the expected ones, and later steps compile nothing new."""
-    method, step = training_step(case, synth_data, tmp_path)
+    method, step = training_step(case, synth_data, request)
     for i in (0, 1):  # one-off reads of the first steps (InstDisc's partition function, SwAV's queue filling)
         step(method, i)
     reads: Counter[str] = Counter()

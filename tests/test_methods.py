@@ -22,13 +22,6 @@ get_method("simclr")  # populate the registry before parametrisation
 TINY = {"epochs": 1, "batch_size": 64, "num_workers": 0}  # on each small recipe's own backbone
 
 
-@pytest.fixture(scope="module")
-def tokenizer_run(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A dVAE tokenizer, trained for one epoch: beit's prerequisite (its stage 1)."""
-    cfg = build_config("dvae", "small", {**TINY, "data": str(synth_data)})
-    return pretrain(cfg, tmp_path_factory.mktemp("dvae") / "run", device="cpu")
-
-
 # Methods that train on the output of another run.
 PREREQUISITES = {"beit": lambda request: [f"method_args.tokenizer={request.getfixturevalue('tokenizer_run')}"]}
 

@@ -36,8 +36,6 @@ class DVAE(Method):
                  temperature_end: float = 1 / 16, kl_weight: float = 0.03, kl_warmup: float = 0.05) -> None:
         super().__init__(encoder)
         self.tokenizer = DiscreteVAE(vocab, code_dim, tuple(widths), channels=3)
-        self.temperature, self.temperature_end = temperature, temperature_end
-        self.kl_weight, self.kl_warmup = kl_weight, kl_warmup
         self.augment = augment
         self.track_progress(  # buffers: a compiled step reads them without recompiling as they change
             tau=lambda done: schedule(done, 1, start=temperature, end=temperature_end),
